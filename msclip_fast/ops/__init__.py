@@ -1,0 +1,31 @@
+"""Ops with interchangeable backends (see :mod:`msclip_fast.ops.registry`).
+
+Models reach kernels only through this package; every op works on the CPU without Triton,
+CUDA or the compiled extension through its ``"reference"`` backend.
+"""
+from .attention import attention, attention_ref
+from .bias_act import ACTIVATIONS, bias_act, bias_act_ref
+from .contrastive import contrastive_loss, contrastive_loss_ref
+from .layer_norm import modality_layer_norm, modality_layer_norm_ref
+
+OPS = {f.op.name: f.op for f in (attention, modality_layer_norm, bias_act, contrastive_loss)}
+
+
+def backend_status() -> dict[str, dict[str, list[str]]]:
+    """op name -> backend name -> reasons it is unavailable here (empty list: usable)."""
+    return {name: op.status() for name, op in OPS.items()}
+
+
+__all__ = [
+    "ACTIVATIONS",
+    "OPS",
+    "attention",
+    "attention_ref",
+    "backend_status",
+    "bias_act",
+    "bias_act_ref",
+    "contrastive_loss",
+    "contrastive_loss_ref",
+    "modality_layer_norm",
+    "modality_layer_norm_ref",
+]

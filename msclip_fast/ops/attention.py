@@ -1,0 +1,101 @@
+"""Scaled dot-product attention: dispatch, the plain-PyTorch reference and the SDPA peer.
+
+Layouts (FlashAttention conventions):
+- batched: ``q, k, v`` of shape ``(B, H, L, K)``; ``causal`` a bool.
+- varlen (packed): ``q, k, v`` of shape ``(T, H, K)`` with ``cu_seqlens`` ``(S+1,)`` int32
+  cumulative sequence starts (``cu_seqlens[0] == 0``, ``cu_seqlens[-1] == T``); ``causal`` a
+  bool or a ``(S,)`` bool tensor (one flag per sequence, e.g. text causal, images not).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .registry import Backend, Op, tensor_reasons
+
+
+def _check(q, k, v, cu_seqlens, causal):
+    if q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must have one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if cu_seqlens is None:
+        if q.dim() != 4:
+            raise ValueError(f"q must be (B, H, L, K) without cu_seqlens, got shape {tuple(q.shape)}")
+        if isinstance(causal, torch.Tensor):
+            raise ValueError("a per-sequence causal tensor needs cu_seqlens")
+    else:
+        if q.dim() != 3:
+            raise ValueError(f"q must be (T, H, K) with cu_seqlens, got shape {tuple(q.shape)}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens must be (S+1,) with S >= 1, got shape {tuple(cu_seqlens.shape)}")
+        if isinstance(causal, torch.Tensor) and causal.numel() != cu_seqlens.numel() - 1:
+            raise ValueError(
+                f"causal must have one flag per sequence ({cu_seqlens.numel() - 1}), got {causal.numel()}"
+            )
+
+
+def _dense(q, k, v, causal: bool, scale: float):
+    """(..., L, K) attention with fp32 (or fp64) softmax."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    s = torch.matmul(q, k.transpose(-1, -2)).to(acc) * scale
+    if causal:
+        L = q.shape[-2]
+        mask = torch.ones(L, L, dtype=torch.bool, device=q.device).triu_(1)
+        s = s.masked_fill(mask, float("-inf"))
+    p = torch.softmax(s, dim=-1).to(q.dtype)
+    return torch.matmul(p, v)
+
+
+def attention_ref(q, k, v, cu_seqlens=None, causal=False, scale=None):
+    """Plain PyTorch attention, the oracle for every other backend (same arguments as
+    :func:`attention`). Materializes the ``L x L`` scores per sequence."""
+    _check(q, k, v, cu_seqlens, causal)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if cu_seqlens is None:
+        return _dense(q, k, v, bool(causal), scale)
+    bounds = cu_seqlens.tolist()
+    flags = causal.tolist() if isinstance(causal, torch.Tensor) else [bool(causal)] * (len(bounds) - 1)
+    outs = []
+    for i in range(len(bounds) - 1):
+        a, b = bounds[i], bounds[i + 1]
+        # (L, H, K) -> (H, L, K)
+        qi, ki, vi = (t[a:b].transpose(0, 1) for t in (q, k, v))
+        outs.append(_dense(qi, ki, vi, bool(flags[i]), scale).transpose(0, 1))
+    return torch.cat(outs, 0)
+
+
+def _sdpa(q, k, v, cu_seqlens=None, causal=False, scale=None):
+    _check(q, k, v, cu_seqlens, causal)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=bool(causal), scale=scale)
+
+
+def _sdpa_supports(q, k, v, cu_seqlens=None, causal=False, scale=None):
+    return ["varlen (cu_seqlens) layout not supported"] if cu_seqlens is not None else []
+
+
+_OP = Op("attention")
+_OP.register(Backend("reference", attention_ref))
+_OP.register(Backend("sdpa", _sdpa, supports=_sdpa_supports))
+
+
+def attention(q, k, v, cu_seqlens=None, causal=False, scale=None, backend: str = "auto"):
+    """Softmax attention ``softmax(q kᵀ · scale [+ causal mask]) v`` (Vaswani et al. 2017).
+
+    Args:
+        q, k, v: ``(B, H, L, K)``, or ``(T, H, K)`` packed sequences with ``cu_seqlens``;
+            float32/float16/bfloat16/float64, any device.
+        cu_seqlens: ``(S+1,)`` int32 sequence boundaries for the varlen layout, or None.
+        causal: bool, or ``(S,)`` bool tensor with one flag per packed sequence.
+        scale: softmax scale; default ``1/sqrt(K)``.
+        backend: "auto", "reference", "sdpa" (torch SDPA, batched layout only).
+    Returns:
+        Tensor shaped like ``q``, in ``q.dtype``.
+    Raises:
+        ValueError: mismatched shapes, a bad ``cu_seqlens``/``causal``, or an explicit
+            backend that cannot run these inputs.
+    """
+    return _OP(q, k, v, cu_seqlens=cu_seqlens, causal=causal, scale=scale, backend=backend)
+
+
+attention.op = _OP

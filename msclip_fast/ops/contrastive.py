@@ -1,0 +1,53 @@
+"""The CLIP contrastive (InfoNCE) loss over a batch of matched image/text pairs."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .registry import Backend, Op
+
+
+def _check(img, txt, scale):
+    if img.dim() != 2 or txt.dim() != 2:
+        raise ValueError(f"img and txt must be (N, D), got {tuple(img.shape)} and {tuple(txt.shape)}")
+    if img.shape[1] != txt.shape[1]:
+        raise ValueError(f"img and txt must share D, got {img.shape[1]} and {txt.shape[1]}")
+    if not isinstance(scale, torch.Tensor) or scale.numel() != 1:
+        raise ValueError(f"scale must be a 1-element tensor (exp(logit_scale)), got {scale!r}")
+
+
+def contrastive_loss_ref(img, txt, scale):
+    """Plain PyTorch reference for :func:`contrastive_loss` (materializes the N x N logits)."""
+    _check(img, txt, scale)
+    if img.shape[0] != txt.shape[0]:
+        raise ValueError(f"img and txt must have one row count N, got {img.shape[0]} and {txt.shape[0]}")
+    acc = torch.promote_types(img.dtype, torch.float32)
+    logits = scale.to(acc).reshape(()) * (img.to(acc) @ txt.to(acc).t())
+    labels = torch.arange(img.shape[0], device=img.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+_OP = Op("contrastive_loss")
+_OP.register(Backend("reference", contrastive_loss_ref))
+
+
+def contrastive_loss(img, txt, scale, backend: str = "auto"):
+    """Symmetric InfoNCE loss of CLIP (Radford et al. 2021, Fig. 3)::
+
+        logits = scale · img @ txtᵀ
+        loss = (CE(logits, arange(N)) + CE(logitsᵀ, arange(N))) / 2
+
+    Args:
+        img: ``(N, D)`` image features (normally L2-normalized), float32/16/bf16/64.
+        txt: ``(N, D)`` text features, row i paired with ``img[i]``.
+        scale: 0-d tensor ``exp(logit_scale)``; receives a gradient.
+        backend: "auto" or "reference".
+    Returns:
+        0-d float32 (float64 for float64 inputs) tensor: the mean of both directions.
+    Raises:
+        ValueError: shape mismatch or an unusable backend.
+    """
+    return _OP(img, txt, scale, backend=backend)
+
+
+contrastive_loss.op = _OP

@@ -1,0 +1,75 @@
+"""Modality-indexed LayerNorm: one call normalizes rows of several modalities, each row with
+the gain and bias of its own modality (MS-CLIP keeps every LayerNorm modality-specific while
+sharing the rest of the block)."""
+from __future__ import annotations
+
+import torch
+
+from .registry import Backend, Op
+
+
+def _check(x, weight, bias, modality_ids):
+    if weight.dim() != 2 or bias.shape != weight.shape:
+        raise ValueError(
+            f"weight and bias must be (M, D) of one shape, got {tuple(weight.shape)} and {tuple(bias.shape)}"
+        )
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x last dim ({x.shape[-1]}) must equal the LayerNorm width D ({weight.shape[1]})")
+    M = weight.shape[0]
+    if isinstance(modality_ids, int):
+        if not 0 <= modality_ids < M:
+            raise ValueError(f"modality_ids={modality_ids} out of range for M={M} modalities")
+    elif modality_ids.shape != x.shape[:-1]:
+        raise ValueError(
+            f"modality_ids must have shape {tuple(x.shape[:-1])} (one id per row), got {tuple(modality_ids.shape)}"
+        )
+
+
+def modality_layer_norm_ref(x, weight, bias, modality_ids, eps: float = 1e-12, residual=None):
+    """Plain PyTorch reference for :func:`modality_layer_norm` (same arguments)."""
+    _check(x, weight, bias, modality_ids)
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"residual shape {tuple(residual.shape)} must equal x shape {tuple(x.shape)}")
+        x = x + residual
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(acc)
+    mean = xf.mean(-1, keepdim=True)
+    var = (xf - mean).pow(2).mean(-1, keepdim=True)
+    y = (xf - mean) * torch.rsqrt(var + eps)
+    if isinstance(modality_ids, int):
+        w, b = weight[modality_ids], bias[modality_ids]
+    else:
+        ids = modality_ids.long()
+        w, b = weight[ids], bias[ids]
+    out = (y * w.to(acc) + b.to(acc)).to(x.dtype)
+    return (out, x) if residual is not None else out
+
+
+_OP = Op("modality_layer_norm")
+_OP.register(Backend("reference", modality_layer_norm_ref))
+
+
+def modality_layer_norm(x, weight, bias, modality_ids, eps: float = 1e-12, residual=None, backend: str = "auto"):
+    """LayerNorm (Ba et al. 2016) whose gain/bias are picked per row by modality.
+
+    Statistics are computed in float32 (float64 for float64 inputs), TF-style eps inside the
+    square root, as the official MS-CLIP code does.
+
+    Args:
+        x: ``(..., D)`` activations (rows = all leading dims), any float dtype.
+        weight, bias: ``(M, D)`` gains and biases, one row per modality.
+        modality_ids: ``(...)`` integer tensor (int8/int32/int64) with one id in ``[0, M)`` per
+            row, or a Python int applying one modality to all rows.
+        eps: variance epsilon (1e-12 in MS-CLIP).
+        residual: optional tensor shaped like ``x`` added to ``x`` before normalizing.
+        backend: "auto" or "reference".
+    Returns:
+        ``out`` shaped like ``x``; with ``residual``, the pair ``(out, x + residual)``.
+    Raises:
+        ValueError: shape mismatch, an out-of-range int modality, or an unusable backend.
+    """
+    return _OP(x, weight, bias, modality_ids, eps=eps, residual=residual, backend=backend)
+
+
+modality_layer_norm.op = _OP

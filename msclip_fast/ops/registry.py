@@ -1,0 +1,115 @@
+"""Backend registry and dispatch shared by every op in :mod:`msclip_fast.ops`.
+
+Each op registers its backends with a ``supports(*args, **kwargs) -> list[str]`` check that
+returns the reasons a backend cannot run those inputs (empty list: it can).  ``"auto"``
+walks the op's preference order and takes the first backend with no reasons, logging once
+per (op, backend) when it falls back past a preferred one; an explicit backend that cannot
+run raises :class:`ValueError` naming every reason.  The environment variable
+``MSCLIP_FAST_BACKEND`` overrides ``"auto"`` for all ops (xformers-style explicit status).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+logger = logging.getLogger(__name__)
+
+BACKEND_NAMES = ("reference", "sdpa", "xformers", "triton", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of an op.
+
+    ``fn`` computes the op; ``supports`` returns why it cannot run the given inputs;
+    ``available`` returns why it cannot run at all on this machine (missing package...).
+    """
+
+    name: str
+    fn: Callable
+    supports: Callable[..., list[str]] = lambda *a, **k: []
+    available: Callable[[], list[str]] = lambda: []
+
+
+@dataclass
+class Op:
+    """An op with its backends, in ``auto`` preference order."""
+
+    name: str
+    backends: dict[str, Backend] = field(default_factory=dict)
+    _warned: set = field(default_factory=set)
+
+    def register(self, backend: Backend) -> None:
+        if backend.name not in BACKEND_NAMES:
+            raise ValueError(f"backend name must be one of {BACKEND_NAMES}, got {backend.name!r}")
+        self.backends[backend.name] = backend
+
+    def status(self) -> dict[str, list[str]]:
+        """Backend name -> reasons it is unavailable here (empty: available)."""
+        return {name: list(b.available()) for name, b in self.backends.items()}
+
+    def select(self, backend: str, *args, **kwargs) -> Backend:
+        """Resolve ``backend`` (a name or ``"auto"``) for these inputs.
+
+        Raises:
+            ValueError: unknown backend name, or an explicit backend that cannot run these
+                inputs (the message lists every reason).
+        """
+        if backend == "auto":
+            backend = os.environ.get("MSCLIP_FAST_BACKEND", "auto") or "auto"
+        if backend != "auto":
+            if backend not in self.backends:
+                raise ValueError(
+                    f"{self.name}: backend={backend!r} is not one of "
+                    f"{['auto', *self.backends]}"
+                )
+            b = self.backends[backend]
+            reasons = list(b.available()) or list(b.supports(*args, **kwargs))
+            if reasons:
+                raise ValueError(f"{self.name}: backend {backend!r} cannot run: " + "; ".join(reasons))
+            return b
+        skipped = []
+        for b in self.backends.values():
+            reasons = list(b.available()) or list(b.supports(*args, **kwargs))
+            if not reasons:
+                if skipped and (b.name, skipped[0][0]) not in self._warned:
+                    self._warned.add((b.name, skipped[0][0]))
+                    logger.info(
+                        "%s: auto backend falls back to %r (%s)",
+                        self.name,
+                        b.name,
+                        "; ".join(f"{n}: {', '.join(r)}" for n, r in skipped),
+                    )
+                return b
+            skipped.append((b.name, reasons))
+        raise ValueError(
+            f"{self.name}: no backend can run these inputs: "
+            + "; ".join(f"{n}: {', '.join(r)}" for n, r in skipped)
+        )
+
+    def __call__(self, *args, backend: str = "auto", **kwargs):
+        return self.select(backend, *args, **kwargs).fn(*args, **kwargs)
+
+
+def tensor_reasons(*tensors, cuda: bool | None = None, dtypes=None) -> list[str]:
+    """Common input checks: device placement and dtype support, as reasons (not raised)."""
+    import torch
+
+    reasons = []
+    for t in tensors:
+        if t is None or not isinstance(t, torch.Tensor):
+            continue
+        if cuda is True and not t.is_cuda:
+            reasons.append(f"needs CUDA tensors, got device {t.device}")
+            break
+        if cuda is False and t.is_cuda:
+            reasons.append(f"needs CPU tensors, got device {t.device}")
+            break
+    if dtypes is not None:
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype not in dtypes:
+                reasons.append(f"dtype {t.dtype} not supported")
+                break
+    return reasons
