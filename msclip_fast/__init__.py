@@ -8,12 +8,36 @@ Public API (see DESIGN.md §5)::
     tok = mf.get_tokenizer()
     img, txt, scale = model(images, tok(["a photo of a cat"]))
     loss = mf.ClipLoss()(img, txt, scale)
+
+Names are resolved on first use so that ``import msclip_fast.ops`` stays light (no
+open_clip, DeepSpeed or DALI import).
 """
-from . import ops
-from .data.tokenizer import get_tokenizer
-from .losses import ClipLoss
-from .models import create_model, list_models, load_model
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "ClipLoss", "create_model", "get_tokenizer", "list_models", "load_model"]
+_LAZY = {
+    "ops": ("msclip_fast.ops", None),
+    "get_tokenizer": ("msclip_fast.data.tokenizer", "get_tokenizer"),
+    "ClipLoss": ("msclip_fast.losses", "ClipLoss"),
+    "create_model": ("msclip_fast.models", "create_model"),
+    "list_models": ("msclip_fast.models", "list_models"),
+    "load_model": ("msclip_fast.models", "load_model"),
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'msclip_fast' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = importlib.import_module(module)
+    if attr is not None:
+        value = getattr(value, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))

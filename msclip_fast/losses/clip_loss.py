@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from .distributed import gather_features
+from .distributed import _sizes, gather_features
 
 
 class ClipLoss(nn.Module):
@@ -14,7 +14,8 @@ class ClipLoss(nn.Module):
 
     Args:
         local_loss: each rank scores only its own rows against all gathered columns (memory
-            O(N_r x N) instead of O(N x N)); the mean over ranks equals the full-batch loss.
+            O(N_r x N) instead of O(N x N)); with equal rows per rank the mean over ranks
+            equals the full-batch loss (unequal rows weight each rank's rows differently).
         gather_with_grad: let gradients flow through the gather. Needed for the parameter
             gradient (after DDP/DeepSpeed averaging over ranks) to equal the single-process
             gradient on the concatenated batch; see :mod:`msclip_fast.losses.distributed` for
@@ -54,14 +55,16 @@ class ClipLoss(nn.Module):
         self.use_horovod = use_horovod
         self._labels: dict = {}
 
-    def get_ground_truth(self, device, num_logits: int) -> torch.Tensor:
-        """``(num_logits,)`` int64 targets; offset by this rank's rows under ``local_loss``."""
-        key = (device, num_logits)
+    def get_ground_truth(self, device, num_logits: int, offset: int | None = None) -> torch.Tensor:
+        """``(num_logits,)`` int64 targets; under ``local_loss`` shifted by this rank's first
+        row in the gathered batch (``offset``; default ``num_logits * rank``, equal batches)."""
+        if self.world_size > 1 and self.local_loss and offset is None:
+            offset = num_logits * self.rank
+        offset = offset if (self.world_size > 1 and self.local_loss) else 0
+        key = (device, num_logits, offset)
         if key in self._labels:
             return self._labels[key]
-        labels = torch.arange(num_logits, device=device, dtype=torch.long)
-        if self.world_size > 1 and self.local_loss:
-            labels = labels + num_logits * self.rank
+        labels = torch.arange(num_logits, device=device, dtype=torch.long) + offset
         if self.cache_labels:
             self._labels = {key: labels}
         return labels
@@ -111,6 +114,9 @@ class ClipLoss(nn.Module):
         else:
             per_image, per_text = self.get_logits(image_features, text_features, logit_scale, logit_bias)
             acc = torch.promote_types(per_image.dtype, torch.float32)
-            labels = self.get_ground_truth(per_image.device, per_image.shape[0])
+            offset = None
+            if self.world_size > 1 and self.local_loss:  # exact even when ranks hold unequal rows
+                offset = sum(_sizes(image_features)[: self.rank])
+            labels = self.get_ground_truth(per_image.device, per_image.shape[0], offset)
             loss = (F.cross_entropy(per_image.to(acc), labels) + F.cross_entropy(per_text.to(acc), labels)) / 2
         return {"contrastive_loss": loss} if output_dict else loss

@@ -47,7 +47,9 @@ def test_bad_input_raises():
 
 # --- 2 gloo ranks on loopback -------------------------------------------------------------
 
-N_PER_RANK, D_IN, E = (5, 3), 7, 6  # uneven rows per rank on purpose
+D_IN, E = 7, 6
+N_PER_RANK = (5, 3)  # full gather: uneven rows per rank on purpose
+N_PER_RANK_LOCAL = (4, 4)  # local_loss averages per-rank means: equal rows needed for equality
 
 
 def _full_problem():
@@ -79,8 +81,9 @@ def _worker(rank, world_size, port, local_loss, queue):
     try:
         torch.set_num_threads(1)
         x_img, x_txt, w, log_scale = _full_problem()
-        lo = sum(N_PER_RANK[:rank])
-        sl = slice(lo, lo + N_PER_RANK[rank])
+        sizes = N_PER_RANK_LOCAL if local_loss else N_PER_RANK
+        lo = sum(sizes[:rank])
+        sl = slice(lo, lo + sizes[rank])
         loss_fn = ClipLoss(local_loss=local_loss, gather_with_grad=True, rank=rank, world_size=world_size)
         loss, gw, gls, gfeat = _loss_and_grads(x_img[sl], x_txt[sl], w, log_scale, loss_fn)
         # what DDP / DeepSpeed do with parameter gradients: average over ranks
@@ -107,8 +110,6 @@ def test_two_ranks_gather_with_grad_equals_full_batch(local_loss):
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     world_size = 2
-    procs = [ctx.Process(target=_worker, args=(r, world_size, _free_port() if False else None, local_loss, queue))
-             for r in range(0)]  # placeholder replaced below (port shared by both ranks)
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, local_loss, queue)) for r in range(world_size)]
     for p in procs:
@@ -122,12 +123,13 @@ def test_two_ranks_gather_with_grad_equals_full_batch(local_loss):
         assert p.exitcode == 0
 
     x_img, x_txt, w, log_scale = _full_problem()
+    sizes = N_PER_RANK_LOCAL if local_loss else N_PER_RANK
     loss, gw, gls, gfeat = _loss_and_grads(x_img, x_txt, w, log_scale, ClipLoss())
     for rank in range(world_size):
         r_loss, r_gw, r_gls, r_gfeat = results[rank]
         torch.testing.assert_close(r_loss, loss)
         torch.testing.assert_close(r_gw, gw)
         torch.testing.assert_close(r_gls, gls)
-        lo = sum(N_PER_RANK[:rank])
+        lo = sum(sizes[:rank])
         # per-rank feature gradient is world_size x the full-batch one (averaging undoes it)
-        torch.testing.assert_close(r_gfeat / world_size, gfeat[lo : lo + N_PER_RANK[rank]])
+        torch.testing.assert_close(r_gfeat / world_size, gfeat[lo : lo + sizes[rank]])

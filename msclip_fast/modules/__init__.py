@@ -1,0 +1,17 @@
+"""nn.Modules with parameters, built on :mod:`msclip_fast.ops` (DESIGN §4)."""
+from .attention import MultiheadSelfAttention
+from .block import SHARE_CHOICES, TransformerBlock
+from .layer_norm import IMAGE, MODALITY_NAMES, TEXT, ModalityLayerNorm
+from .mlp import MLP, ModalityParallelFFN
+
+__all__ = [
+    "IMAGE",
+    "MLP",
+    "MODALITY_NAMES",
+    "ModalityLayerNorm",
+    "ModalityParallelFFN",
+    "MultiheadSelfAttention",
+    "SHARE_CHOICES",
+    "TEXT",
+    "TransformerBlock",
+]

@@ -1,0 +1,134 @@
+"""TransformerBlock: a pre-LN residual attention block (CLIP's ``ResidualAttentionBlock``) that
+one or several modalities run, with each component either shared or per modality.
+
+MS-CLIP (You et al. 2022) shares the attention and FFN weights of a block between the image
+and the text tower and keeps its LayerNorms per modality; the ``share`` set selects any point
+of that spectrum ({"attn", "mlp", "ln"}). A shared component is ONE module (one tensor per
+weight); per-modality attention/FFN are a ModuleDict keyed by modality name; per-modality
+LayerNorms are stacked ``(M, D)`` in one :class:`ModalityLayerNorm`.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .attention import MultiheadSelfAttention
+from .layer_norm import MODALITY_NAMES, ModalityLayerNorm
+from .mlp import MLP, ModalityParallelFFN
+
+SHARE_CHOICES = ("attn", "mlp", "ln")
+
+
+class TransformerBlock(nn.Module):
+    """``x += attn(ln_1(x)); x += mlp(ln_2(x)) [+ pffn_m(ln_2(x))]``.
+
+    Args:
+        width, heads: model width ``D`` and head count.
+        modalities: global modality ids that run this block (0 image, 1 text), e.g. ``(0, 1)``
+            for a block of both towers, ``(1,)`` for a text-only block.
+        share: components that all ``modalities`` use in common (subset of SHARE_CHOICES);
+            ignored for a single-modality block.
+        mlp_ratio: FFN hidden = ``mlp_ratio * width``.
+        act: FFN activation.
+        eps: LayerNorm epsilon.
+        parallel_ffn_dim: when > 0, a per-modality bottleneck FFN of that hidden width runs
+            beside the (shared) FFN.
+    Raises:
+        ValueError: a bad ``share`` entry, empty/duplicate/unknown modalities, bad widths.
+    """
+
+    def __init__(self, width: int, heads: int, modalities: Iterable[int] = (0, 1), share: Iterable[str] = (),
+                 mlp_ratio: float = 4.0, act: str = "quick_gelu", eps: float = 1e-12, parallel_ffn_dim: int = 0):
+        super().__init__()
+        self.modalities = tuple(int(m) for m in modalities)
+        if not self.modalities or len(set(self.modalities)) != len(self.modalities) or any(
+            m not in range(len(MODALITY_NAMES)) for m in self.modalities
+        ):
+            raise ValueError(f"modalities must be distinct ids in [0, {len(MODALITY_NAMES)}), got {self.modalities}")
+        share = set(share)
+        bad = share - set(SHARE_CHOICES)
+        if bad:
+            raise ValueError(f"share must be a subset of {SHARE_CHOICES}, got {sorted(share)}")
+        single = len(self.modalities) == 1
+        self.share = frozenset(SHARE_CHOICES) if single else frozenset(share)
+        self.width, self.heads = width, heads
+        hidden = int(round(mlp_ratio * width))
+
+        def per_modality(make):
+            if single:
+                return make()
+            return nn.ModuleDict({MODALITY_NAMES[m]: make() for m in self.modalities})
+
+        self.attn = MultiheadSelfAttention(width, heads) if "attn" in self.share else per_modality(
+            lambda: MultiheadSelfAttention(width, heads))
+        n_ln = 1 if "ln" in self.share else len(self.modalities)
+        self.ln_1 = ModalityLayerNorm(width, n_ln, eps)
+        self.mlp = MLP(width, hidden, act) if "mlp" in self.share else per_modality(lambda: MLP(width, hidden, act))
+        self.ln_2 = ModalityLayerNorm(width, n_ln, eps)
+        self.parallel_ffn = (
+            ModalityParallelFFN(width, parallel_ffn_dim, len(self.modalities), act) if parallel_ffn_dim > 0 else None
+        )
+
+    # -- helpers -------------------------------------------------------------------------
+    def local_index(self, modality: int) -> int:
+        """Position of global modality id ``modality`` in this block's modality list."""
+        try:
+            return self.modalities.index(int(modality))
+        except ValueError:
+            raise ValueError(f"modality {modality} does not run this block (modalities {self.modalities})") from None
+
+    def _pick(self, module: nn.Module, local: int) -> nn.Module:
+        if isinstance(module, nn.ModuleDict):
+            return module[MODALITY_NAMES[self.modalities[local]]]
+        return module
+
+    def shared_parameter_names(self) -> set[str]:
+        """Names (relative to this block) of parameters applied to every modality's tokens:
+        shared attention/FFN, and LayerNorms when "ln" is shared. Per-modality rows stacked in
+        one tensor (ModalityLayerNorm with M > 1, the parallel FFN) are not shared."""
+        if len(self.modalities) < 2:
+            return set()
+        names = set()
+        for prefix in ("attn", "mlp"):
+            if prefix in self.share:
+                names |= {f"{prefix}.{n}" for n, _ in getattr(self, prefix).named_parameters()}
+        if "ln" in self.share:
+            names |= {f"{ln}.{p}" for ln in ("ln_1", "ln_2") for p in ("weight", "bias")}
+        return names
+
+    def init_clip(self, layers: int) -> None:
+        """open_clip ``init_parameters`` for a tower of ``layers`` blocks of this width."""
+        attn_std = self.width**-0.5
+        proj_std = self.width**-0.5 * (2 * layers) ** -0.5
+        fc_std = (2 * self.width) ** -0.5
+        for m in self.modules():
+            if isinstance(m, MultiheadSelfAttention):
+                m.reset_parameters(attn_std, proj_std)
+            elif isinstance(m, MLP):
+                m.reset_parameters(fc_std, proj_std)
+
+    # -- forward -------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, modality: int, causal: bool = False) -> torch.Tensor:
+        """Run one modality's tokens.
+
+        Args:
+            x: ``(B, L, D)`` tokens of one modality.
+            modality: global modality id (0 image, 1 text); must be in ``self.modalities``.
+            causal: causal self-attention (text) or bidirectional (image).
+        Returns:
+            ``(B, L, D)``.
+        """
+        i = self.local_index(modality)
+        h = self.ln_1(x, i)
+        a = self._pick(self.attn, i)(h, causal=causal)
+        # fused residual add + LayerNorm: (ln_2(x + a), x + a)
+        h, x = self.ln_2(a, i, residual=x)
+        y = self._pick(self.mlp, i)(h)
+        if self.parallel_ffn is not None:
+            y = y + self.parallel_ffn(h, i)
+        return x + y
+
+    def extra_repr(self) -> str:
+        return f"modalities={self.modalities}, share={sorted(self.share)}"

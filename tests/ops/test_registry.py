@@ -1,0 +1,31 @@
+import pytest
+import torch
+
+from msclip_fast import ops
+
+
+def test_explicit_backend_that_cannot_run_names_reason():
+    q = torch.randn(10, 2, 8)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    with pytest.raises(ValueError, match="sdpa.*varlen"):
+        ops.attention(q, q, q, cu_seqlens=cu, backend="sdpa")
+
+
+def test_unknown_backend_rejected():
+    x = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="nope"):
+        ops.bias_act(x, None, backend="nope")
+
+
+def test_env_override(monkeypatch):
+    q = torch.randn(1, 1, 5, 8, dtype=torch.float64)
+    monkeypatch.setenv("MSCLIP_FAST_BACKEND", "sdpa")
+    assert ops.attention.op.select("auto", q, q, q).name == "sdpa"
+    monkeypatch.setenv("MSCLIP_FAST_BACKEND", "reference")
+    assert ops.attention.op.select("auto", q, q, q).name == "reference"
+
+
+def test_backend_status_lists_every_op():
+    st = ops.backend_status()
+    assert set(st) == {"attention", "modality_layer_norm", "bias_act", "contrastive_loss"}
+    assert st["attention"]["reference"] == []
