@@ -8,7 +8,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 NVCC ?= $(shell command -v nvcc || echo /usr/local/cuda/bin/nvcc)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast openclipart nvcc-check clean
+.PHONY: setup demo test test-fast openclipart nvcc-check cpp-test clean
 
 setup: $(STAMP) openclipart
 
@@ -27,7 +27,7 @@ openclipart:
 demo: setup
 	bash scripts/demo.sh
 
-test: setup nvcc-check
+test: setup nvcc-check cpp-test
 	$(VPY) -m pytest -m "not gpu" -q $(PYTEST_ARGS)
 
 test-fast: setup
@@ -40,6 +40,13 @@ nvcc-check:
 	for f in $$files; do for a in sm_90 sm_80; do \
 	  echo "nvcc -arch=$$a $$f"; \
 	  $(NVCC) -std=c++17 -arch=$$a -Icsrc -c $$f -o /dev/null || exit 1; done; done
+
+# torch-free C++ core (csrc/contrastive tile math + CPU driver) and its unit tests, via ctest
+CMAKE_BUILD_DIR ?= build/cmake
+cpp-test:
+	cmake -S . -B $(CMAKE_BUILD_DIR) -DCMAKE_BUILD_TYPE=Release >/dev/null
+	cmake --build $(CMAKE_BUILD_DIR) -j 2
+	cd $(CMAKE_BUILD_DIR) && ctest --output-on-failure
 
 clean:
 	rm -rf build *.egg-info runs/demo

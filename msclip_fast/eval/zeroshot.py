@@ -32,12 +32,31 @@ OPENCLIPART_TEMPLATES: tuple[str, ...] = (
     "a cartoon of {}.",
     "a picture of {}.",
 )
-DIGITS_TEMPLATES: tuple[str, ...] = (
+_DIGIT_NUMERALS = {n: str(i) for i, n in enumerate(
+    ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"))}
+
+
+def digit_numeral(classname: str) -> str:
+    """``"three"`` -> ``"3"`` (other names unchanged), for prompts that use the numeral."""
+    return _DIGIT_NUMERALS.get(classname, classname)
+
+
+def _handwritten_numeral(c: str) -> str:
+    return f"handwritten {digit_numeral(c)}"
+
+
+def _digit_numeral_photo(c: str) -> str:
+    return f"a photo of the digit {digit_numeral(c)}."
+
+
+# The digits source names its classes "zero".."nine"; some prompts use the word and some the
+# numeral, since people (and the digits captions) write both.
+DIGITS_TEMPLATES: tuple[Template, ...] = (
     "a photo of the digit {}.",
-    "a photo of the number {}.",
-    "handwritten {}",
     "a handwritten digit {}.",
     "the number {}.",
+    _handwritten_numeral,
+    _digit_numeral_photo,
 )
 # For a class-names FILE of unknown domain.
 GENERIC_TEMPLATES: tuple[str, ...] = ("a photo of {}.", "a picture of {}.", "an image of {}.", "{}")
@@ -102,18 +121,20 @@ def build_zero_shot_classifier(
 
 
 def class_label(meta: dict, index: dict[str, int], num_classes: int) -> int | None:
-    """A sample's class index from its ``meta["class"]`` (a name, or an int index); None if
-    it has none or it is not one of the classes."""
+    """A sample's class index from its ``meta["class"]``: a class name, or an int (matched as
+    a name first, e.g. digits "0".."9", else taken as the index); None if it has none or it is
+    not one of the classes."""
     value = meta.get("class") if isinstance(meta, dict) else None
     if value is None:
         return None
     if isinstance(value, str):
-        if value in index:
-            return index[value]
-        return None
+        return index.get(value)
+    # a name match first (digits are named "0".."9"), then an int as the class index
+    if str(value) in index:
+        return index[str(value)]
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < num_classes:
         return value
-    return index.get(str(value))
+    return None
 
 
 @torch.no_grad()

@@ -98,6 +98,15 @@ class TransformerBlock(nn.Module):
             names |= {f"{ln}.{p}" for ln in ("ln_1", "ln_2") for p in ("weight", "bias")}
         return names
 
+    def modality_parameters(self, modality: int) -> list[nn.Parameter]:
+        """Every parameter tensor that ``modality``'s tokens use in this block (shared ones and
+        stacked per-modality tensors included; other modalities' own modules excluded)."""
+        i = self.local_index(modality)
+        mods = [self._pick(self.attn, i), self._pick(self.mlp, i), self.ln_1, self.ln_2]
+        if self.parallel_ffn is not None:
+            mods.append(self.parallel_ffn)
+        return [p for m in mods for p in m.parameters()]
+
     def init_clip(self, layers: int) -> None:
         """open_clip ``init_parameters`` for a tower of ``layers`` blocks of this width."""
         attn_std = self.width**-0.5

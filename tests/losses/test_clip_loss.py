@@ -91,7 +91,8 @@ def _worker(rank, world_size, port, local_loss, queue):
             dist.all_reduce(g)
             g /= world_size
         dist.all_reduce(loss)
-        queue.put((rank, loss / world_size, gw, gls, gfeat))
+        # numpy copies: torch tensors would be shared via fds that vanish when this process exits
+        queue.put((rank, *[t.numpy().copy() for t in (loss / world_size, gw, gls, gfeat)]))
     finally:
         dist.destroy_process_group()
 
@@ -126,7 +127,7 @@ def test_two_ranks_gather_with_grad_equals_full_batch(local_loss):
     sizes = N_PER_RANK_LOCAL if local_loss else N_PER_RANK
     loss, gw, gls, gfeat = _loss_and_grads(x_img, x_txt, w, log_scale, ClipLoss())
     for rank in range(world_size):
-        r_loss, r_gw, r_gls, r_gfeat = results[rank]
+        r_loss, r_gw, r_gls, r_gfeat = (torch.from_numpy(a) for a in results[rank])
         torch.testing.assert_close(r_loss, loss)
         torch.testing.assert_close(r_gw, gw)
         torch.testing.assert_close(r_gls, gls)

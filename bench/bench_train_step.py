@@ -1,0 +1,350 @@
+"""Train-step throughput per model preset: the baseline later issues beat (DESIGN §8).
+
+One step = forward (both towers) + ClipLoss + backward + AdamW step, fp32, the "reference"
+backend for every op (MSCLIP_FAST_BACKEND=reference), on the CPU. Each preset is measured with
+``torch.utils.benchmark.Measurement`` statistics over single timed steps after warmup, on synthetic inputs
+(random pixels; random token ids with SOT, EOT and zero padding), side by side in one process.
+Tiny presets run at ``--batch-size`` (32), full-size presets at ``--full-batch-size`` (2).
+FLOPs per sample (forward + backward, matmuls and convolutions) come from
+``torch.utils.flop_counter.FlopCounterMode`` on one step; MFU is reported when ``--peak-tflops``
+is given (a CPU has no single honest peak).
+
+Usage::
+
+    python bench/bench_train_step.py                       # all presets, writes bench/RESULTS.md
+    python bench/bench_train_step.py --presets tiny --no-write
+    python bench/bench_train_step.py --presets clip-tiny --repeats 1 --min-run-time 0 --no-write
+
+The results section in RESULTS.md sits between ``<!-- bench_train_step:begin/end -->``
+markers and is replaced in place, leaving other benchmarks' sections alone.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.utils.benchmark as benchmark
+from torch.utils.benchmark.utils.common import TaskSpec
+from torch.utils.flop_counter import FlopCounterMode
+
+import msclip_fast as mf
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "bench" / "RESULTS.md"
+BEGIN, END = "<!-- bench_train_step:begin -->", "<!-- bench_train_step:end -->"
+SOT, EOT, VOCAB = 49406, 49407, 49408
+
+
+@dataclass
+class Row:
+    preset: str
+    params_m: float
+    batch: int
+    image_size: int
+    median_ms: float
+    iqr_ms: float
+    timed_steps: int
+    samples_per_s: float
+    gflop_per_sample: float | None
+    gflops_achieved: float | None
+    mfu: float | None
+    loss: float
+
+
+def is_tiny(name: str) -> bool:
+    return name.endswith("-tiny")
+
+
+def size_class(name: str) -> str:
+    return "tiny" if is_tiny(name) else ("b16" if "b16" in name else "b32")
+
+
+def estimate_seconds(name: str, took: dict[str, float]) -> float:
+    """Projected time of a preset from the longest one of its size class measured so far
+    (a B/16 step costs ~4x a B/32 one: 4x the image tokens); 0 when nothing is known."""
+    cls = size_class(name)
+    if cls in took:
+        return took[cls]
+    if cls == "b16" and "b32" in took:
+        return 3.0 * took["b32"]
+    return 0.0
+
+
+def select_presets(spec: str) -> list[str]:
+    """``tiny`` | ``full`` | ``all`` | comma-separated preset names -> ordered preset list."""
+    names = mf.list_models()
+    tiny = [n for n in names if is_tiny(n)]
+    # cheapest first, so a time budget cuts the slowest (B/16) ones
+    full = sorted((n for n in names if not is_tiny(n)), key=lambda n: ("b16" in n, n))
+    if spec == "tiny":
+        return tiny
+    if spec == "full":
+        return full
+    if spec == "all":
+        return tiny + full
+    chosen = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in names]
+    if unknown or not chosen:
+        raise ValueError(f"--presets must be tiny, full, all or names from {names}, got {spec!r}")
+    return chosen
+
+
+def synthetic_batch(batch: int, image_size: int, context_length: int, seed: int = 0):
+    """Random normalized-looking pixels (B,3,S,S) float32 and tokens (B,L) int64 with SOT at 0,
+    EOT at a random position (the argmax pooling target) and zero padding after it."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, image_size, image_size, generator=g)
+    tokens = torch.zeros(batch, context_length, dtype=torch.long)
+    lengths = torch.randint(3, context_length - 1, (batch,), generator=g)
+    for i, n in enumerate(lengths.tolist()):
+        tokens[i, 0] = SOT
+        tokens[i, 1:n] = torch.randint(1, SOT, (n - 1,), generator=g)
+        tokens[i, n] = EOT
+    return images, tokens
+
+
+def make_step(model, images, tokens):
+    """Closure running one full fp32 train step; returns the loss as a float."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.1)
+    loss_fn = mf.ClipLoss()
+    model.train()
+
+    def step() -> float:
+        img, txt, scale = model(images, tokens)
+        loss = loss_fn(img, txt, scale)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return step
+
+
+def bench_preset(name: str, batch: int, warmup: int, repeats: int, min_run_time: float,
+                 flops: bool, peak_tflops: float | None) -> Row:
+    torch.manual_seed(0)
+    model = mf.create_model(name)
+    n_params = sum(p.numel() for p in model.parameters())
+    images, tokens = synthetic_batch(batch, model.image_size, model.context_length)
+    step = make_step(model, images, tokens)
+
+    flop_per_sample = None
+    if flops:
+        # one counted step (forward + backward; the optimizer's elementwise work is not
+        # counted); it also warms up the allocator and autograd graph caches
+        counter = FlopCounterMode(display=False)
+        with counter:
+            img, txt, scale = model(images, tokens)
+            mf.ClipLoss()(img, txt, scale).backward()
+        model.zero_grad(set_to_none=True)
+        flop_per_sample = counter.get_total_flops() / batch
+    loss = float("nan")
+    for _ in range(warmup):
+        loss = step()
+    # Timed steps: exactly `repeats` single steps, continued until `min_run_time` has passed.
+    # (blocked_autorange decides the count from time alone, and Timer.timeit adds two warmup
+    # steps per call, which a multi-second full-size step cannot afford.) The statistics come
+    # from torch.utils.benchmark's Measurement.
+    times: list[float] = []
+    while len(times) < repeats or sum(times) < min_run_time:
+        t0 = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - t0)
+    m = benchmark.Measurement(
+        number_per_run=1, raw_times=times,
+        task_spec=TaskSpec(stmt="train_step()", setup="", label="train step", sub_label=name,
+                           description=f"batch {batch}", num_threads=torch.get_num_threads()),
+    )
+    median = m.median
+    row = Row(
+        preset=name,
+        params_m=n_params / 1e6,
+        batch=batch,
+        image_size=model.image_size,
+        median_ms=median * 1e3,
+        iqr_ms=m.iqr * 1e3,
+        timed_steps=len(times),
+        samples_per_s=batch / median,
+        gflop_per_sample=flop_per_sample / 1e9 if flop_per_sample else None,
+        gflops_achieved=flop_per_sample * batch / median / 1e9 if flop_per_sample else None,
+        mfu=(flop_per_sample * batch / median / (peak_tflops * 1e12)) if (flop_per_sample and peak_tflops) else None,
+        loss=loss,
+    )
+    del model, step
+    gc.collect()
+    return row
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU used"
+    return (f"{cpu}, {cores} usable cores ({os.cpu_count()} logical), torch threads "
+            f"{torch.get_num_threads()}; {gpu}; Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def git_commit() -> str:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=20)
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        if head.returncode != 0:
+            return "none (repository has no commits yet)"
+        dirty = git("status", "--porcelain").stdout.strip()
+        return head.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (git unavailable)"
+
+
+def _fmt(x, spec):
+    return "–" if x is None else format(x, spec)
+
+
+def to_markdown(rows: list[Row], skipped: list[str], command: str, total_s: float) -> str:
+    head = [
+        BEGIN,
+        "## Train step throughput (reference backend, fp32, CPU)",
+        "",
+        "One step = forward + ClipLoss + backward + AdamW step on synthetic inputs; every op pinned",
+        "to the plain-PyTorch `reference` backend. Median and IQR (`torch.utils.benchmark.Measurement`) over",
+        "single timed steps after warmup; the FLOP-counting step is an extra warmup. GFLOP/sample counts forward + backward",
+        "matmuls and convolutions (`FlopCounterMode`), not the optimizer.",
+        "",
+        f"- Machine: {machine()}",
+        f"- Command: `{command}`",
+        f"- Date: {_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
+        f"- Commit: {git_commit()}",
+        f"- Total benchmark time: {total_s:.0f} s",
+        "",
+        "| preset | params (M) | batch | image px | step median (ms) | IQR (ms) | timed steps "
+        "| samples/s | GFLOP/sample | achieved GFLOP/s | MFU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    body = [
+        f"| {r.preset} | {r.params_m:.2f} | {r.batch} | {r.image_size} | {r.median_ms:.1f} | "
+        f"{r.iqr_ms:.1f} | {r.timed_steps} | {r.samples_per_s:.2f} | {_fmt(r.gflop_per_sample, '.2f')} | "
+        f"{_fmt(r.gflops_achieved, '.1f')} | {_fmt(r.mfu, '.1%')} |"
+        for r in rows
+    ]
+    tail = [""]
+    if skipped:
+        tail.append(f"Not measured (projected past the --time-budget): {', '.join(skipped)}.")
+        tail.append("")
+    if any(r.mfu is None for r in rows):
+        tail.append("MFU needs `--peak-tflops` (no single honest peak for a shared CPU).")
+        tail.append("")
+    tail.append(END)
+    return "\n".join(head + body + tail) + "\n"
+
+
+def write_results(path: Path, section: str) -> None:
+    """Replace this benchmark's marked section in ``path`` (or append it), atomically."""
+    old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n\n"
+    if BEGIN in old and END in old:
+        pre, rest = old.split(BEGIN, 1)
+        post = rest.split(END, 1)[1].lstrip("\n")
+        new = pre + section + ("\n" + post if post else "")
+    else:
+        new = old.rstrip("\n") + "\n\n" + section
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(new, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", default="all", help="tiny | full | all | comma-separated names (default: all)")
+    p.add_argument("--batch-size", type=int, default=32, help="batch for tiny presets (default: 32)")
+    p.add_argument("--full-batch-size", type=int, default=2, help="batch for full-size presets (default: 2)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps before timing (default: 1)")
+    p.add_argument("--repeats", type=int, default=3, help="at least this many timed steps (default: 3)")
+    p.add_argument("--min-run-time", type=float, default=2.0,
+                   help="keep timing steps until this many seconds have passed (default: 2)")
+    p.add_argument("--full-warmup", type=int, default=0,
+                   help="untimed steps for full-size presets besides the FLOP-counting one (default: 0)")
+    p.add_argument("--full-repeats", type=int, default=2, help="timed steps for full-size presets (default: 2)")
+    p.add_argument("--time-budget", type=float, default=270.0,
+                   help="skip presets projected to end after this many seconds (default: 270)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting step")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for the MFU column")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown file (default: bench/RESULTS.md)")
+    p.add_argument("--no-write", action="store_true", help="print the table only; do not write --out")
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    """Run the benchmark; returns one Row per measured preset."""
+    # Pin every op to the plain-PyTorch oracle (this is the baseline), restoring the caller's
+    # setting afterwards so an in-process caller (the smoke test) is not affected.
+    saved = os.environ.get("MSCLIP_FAST_BACKEND")
+    os.environ["MSCLIP_FAST_BACKEND"] = "reference"
+    try:
+        return _main(argv)
+    finally:
+        if saved is None:
+            os.environ.pop("MSCLIP_FAST_BACKEND", None)
+        else:
+            os.environ["MSCLIP_FAST_BACKEND"] = saved
+
+
+def _main(argv: list[str] | None) -> list[Row]:
+    args = build_parser().parse_args(argv)
+    for name in ("batch_size", "full_batch_size", "repeats", "full_repeats"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("warmup", "full_warmup", "min_run_time"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    presets = select_presets(args.presets)
+    command = "python bench/bench_train_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    start = time.perf_counter()
+    rows, skipped = [], []
+    took: dict[str, float] = {}  # size class -> longest preset time so far
+    for name in presets:
+        elapsed = time.perf_counter() - start
+        if elapsed + estimate_seconds(name, took) > args.time_budget:
+            skipped.append(name)
+            continue
+        t0 = time.perf_counter()
+        tiny = is_tiny(name)
+        batch = args.batch_size if tiny else args.full_batch_size
+        # a full-size step takes seconds on a CPU: fewer timed steps, no time-based extension
+        warmup = args.warmup if tiny or args.no_flops else args.full_warmup
+        repeats = args.repeats if tiny else args.full_repeats
+        row = bench_preset(name, batch, warmup, repeats, args.min_run_time if tiny else 0.0,
+                           not args.no_flops, args.peak_tflops)
+        print(f"{name:18s} batch {batch:3d}: {row.median_ms:9.1f} ms/step  {row.samples_per_s:8.2f} samples/s",
+              flush=True)
+        rows.append(row)
+        took[size_class(name)] = max(took.get(size_class(name), 0.0), time.perf_counter() - t0)
+    section = to_markdown(rows, skipped, command.strip(), time.perf_counter() - start)
+    print(section)
+    if not args.no_write:
+        write_results(args.out, section)
+        print(f"wrote {args.out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""Parameter counts equal the official code's (DESIGN §2); shared tensors counted once."""
+import pytest
+import torch
+
+from msclip_fast.models import create_model_from_config, get_model_config
+
+
+def _count(cfg):
+    with torch.device("meta"):  # no memory, no init cost
+        model = create_model_from_config(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("clip-b32", 151_277_313),
+    ("clip-b16", 149_620_737),
+    ("msclip-b32", 126_285_313),
+    ("msclip-b32-attn", 182_954_497),
+    ("msclip-b32-mlp", 154_633_729),
+    ("msclip-b32-all", 126_248_449),
+    ("msclip-s-b32", 132_408_001),
+    ("msclip-s-b16", 132_503_617),
+])
+def test_preset_count(name, expected):
+    assert _count(get_model_config(name)) == expected
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"vision": {"patch_size": 16}}, 124_628_737),  # MS-CLIP B/16
+    ({"early_specialization": True}, 128_436_721),  # + early specialization only
+    ({"vision": {"parallel_branch": True}}, 130_256_593),  # + parallel branch only
+])
+def test_variant_count(overrides, expected):
+    assert _count(get_model_config("msclip-b32").replace(**overrides)) == expected

@@ -1,0 +1,85 @@
+"""The plain-PyTorch training path on real digits shards and real tiny models."""
+import json
+import math
+
+import pytest
+import torch
+
+import msclip_fast as mf
+from msclip_fast.losses import ClipLoss
+from msclip_fast.training import NonFiniteLossError, main
+
+TINY = [m for m in mf.list_models() if m.endswith("-tiny")]
+
+
+def _rows(run):
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_one_step_every_tiny_preset(name, digits_shards, tmp_path, train_args):
+    run = tmp_path / name
+    summary = main(train_args(digits_shards, run, "--max-steps", "1", model=name, batch=4))
+    assert summary["status"] == "finished" and summary["steps"] == 1
+    (row,) = _rows(run)
+    assert row["step"] == 1 and math.isfinite(row["loss"])
+    for key in ("epoch", "lr", "lr_share", "logit_scale", "samples_per_s", "skipped"):
+        assert key in row
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000001"
+    model = mf.load_model(run)  # model.pt + config.json, no trainer needed
+    assert not model.training
+
+
+def test_resume_gives_identical_losses(digits_shards, tmp_path, train_args):
+    full, part = tmp_path / "full", tmp_path / "part"
+    extra = ["--accum-steps", "2", "--lr-share", "1e-4"]
+    main(train_args(digits_shards, full, "--max-steps", "6", *extra, batch=4))
+    main(train_args(digits_shards, part, "--max-steps", "3", *extra, batch=4))
+    main(train_args(digits_shards, part, "--max-steps", "6", "--resume", str(part), *extra, batch=4))
+    a, b = _rows(full), _rows(part)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]  # bit-identical in fp32
+    assert [r["lr_share"] for r in a] == [r["lr_share"] for r in b]
+    sa = torch.load(full / "checkpoints" / "step_00000006" / "model.pt")
+    sb = torch.load(part / "checkpoints" / "step_00000006" / "model.pt")
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    meta = json.loads((part / "checkpoints" / "step_00000003" / "meta.json").read_text())
+    assert (meta["step"], meta["epoch"], meta["batch"]) == (3, 0, 6)
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(digits_shards, tmp_path, train_args, monkeypatch):
+    calls = {"n": 0}
+    real_forward = ClipLoss.forward
+
+    def poisoned(self, *a, **k):
+        calls["n"] += 1
+        loss = real_forward(self, *a, **k)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(ClipLoss, "forward", poisoned)
+    run = tmp_path / "nan"
+    with pytest.raises(NonFiniteLossError, match="at step 3") as info:
+        main(train_args(digits_shards, run, "--max-steps", "5", "--save-every", "2", batch=4))
+    assert info.value.step == 3
+    ck = run / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "step_00000002"
+    assert sorted(p.name for p in ck.iterdir()) == ["latest", "step_00000002"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"].startswith("failed: NonFiniteLossError")
+    assert [r["step"] for r in _rows(run)] == [1, 2]
+
+
+def test_bf16_lock_and_plot(digits_shards, tmp_path, train_args):
+    run = tmp_path / "bf16"
+    summary = main(train_args(digits_shards, run, "--max-steps", "2", "--precision", "bf16", "--lock-text",
+                              "--no-packed", batch=4))
+    assert summary["precision"] == "bf16" and math.isfinite(summary["final_loss"])
+    from msclip_fast.plot import main as plot_main
+
+    png = plot_main([str(run)])
+    assert png == run / "curves.png" and png.stat().st_size > 1000
+
+
+def test_batch_larger_than_data_raises(digits_shards, tmp_path, train_args):
+    with pytest.raises(ValueError, match="--batch-size"):
+        main(train_args(digits_shards, tmp_path / "r", "--max-steps", "1", batch=100000))
