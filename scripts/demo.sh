@@ -14,7 +14,7 @@ export PATH="$PWD/.venv/bin:$PATH"
 
 if [ ! -f "$DATA/manifest.json" ]; then
   echo "== building openclipart shards in $DATA"
-  $PY -m msclip_fast.data.make_shards --source openclipart --out "$DATA" --image-size 80
+  $PY -m msclip_fast.data.make_shards --source openclipart --out "$DATA" --image-size 96
 fi
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
