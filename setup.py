@@ -2,7 +2,8 @@
 
 ``kernels/`` is installed under the import name ``msclip_fast.kernels``.  The C++/CUDA
 extension ``msclip_fast._C`` is built from ``csrc/`` once it holds sources; the switch
-``MSCLIP_FAST_BUILD_EXT=auto|0|1`` selects it (auto: build when a compiler exists).
+``MSCLIP_FAST_BUILD_EXT=auto|0|1`` selects it (auto: build when a compiler exists); the CUDA
+kernels join it when a CUDA torch, nvcc and a GPU exist (see ``_want_cuda``).
 """
 import os
 from pathlib import Path
@@ -12,24 +13,66 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).parent
 
 
+def _want_cuda(mode: str) -> tuple[bool, str]:
+    """Whether to build the CUDA kernels (csrc/**/*.cu) into the extension, and why (not).
+
+    Needs a CUDA build of torch and nvcc under CUDA_HOME, and either a visible GPU or an explicit
+    ``MSCLIP_FAST_BUILD_EXT=1`` with ``CUDA_HOME`` set (building for a GPU elsewhere; on a
+    CPU-only machine that also needs CPATH and TORCH_CUDA_ARCH_LIST, see ENVIRONMENT.md).
+    ``MSCLIP_FAST_BUILD_CUDA=0`` forces a CPU-only extension.
+    """
+    if os.environ.get("MSCLIP_FAST_BUILD_CUDA", "auto").lower() == "0":
+        return False, "MSCLIP_FAST_BUILD_CUDA=0"
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if not torch.version.cuda:
+        return False, "torch is a CPU-only build"
+    if not CUDA_HOME or not (Path(CUDA_HOME) / "bin" / "nvcc").exists():
+        return False, f"no nvcc under CUDA_HOME={CUDA_HOME!r}"
+    if torch.cuda.is_available():
+        return True, "CUDA device visible"
+    if mode == "1" and os.environ.get("CUDA_HOME"):
+        return True, "MSCLIP_FAST_BUILD_EXT=1 with CUDA_HOME set"
+    return False, "no CUDA device (set MSCLIP_FAST_BUILD_EXT=1 and CUDA_HOME to build anyway)"
+
+
 def _ext_modules():
     mode = os.environ.get("MSCLIP_FAST_BUILD_EXT", "auto").lower()
     if mode not in ("auto", "0", "1"):
         raise ValueError(f"MSCLIP_FAST_BUILD_EXT must be auto, 0 or 1, got {mode!r}")
-    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp"))
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp")
+                     if "tests" not in p.relative_to(ROOT / "csrc").parts)
     if mode == "0" or not sources:
         if mode == "1" and not sources:
             raise RuntimeError("MSCLIP_FAST_BUILD_EXT=1 but csrc/ holds no C++ sources")
         return [], {}
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    ext = CppExtension(
-        "msclip_fast._C",
-        sources,
-        include_dirs=[str(ROOT / "csrc")],
-        extra_compile_args=["-O3", "-std=c++20", "-fopenmp"],
-        extra_link_args=["-fopenmp"],
-    )
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
+    use_cuda, why = _want_cuda(mode)
+    print(f"msclip_fast._C: {'CUDA+CPU' if use_cuda else 'CPU-only'} build ({why})")
+    if use_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        cu = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cu"))
+        ext = CUDAExtension(
+            "msclip_fast._C",
+            sources + cu,
+            include_dirs=[str(ROOT / "csrc")],
+            extra_compile_args={
+                "cxx": cxx + ["-DMSCLIP_FAST_WITH_CUDA"],
+                "nvcc": ["-O3", "-std=c++17", "-DMSCLIP_FAST_WITH_CUDA"],
+            },
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        ext = CppExtension(
+            "msclip_fast._C",
+            sources,
+            include_dirs=[str(ROOT / "csrc")],
+            extra_compile_args=cxx,
+            extra_link_args=["-fopenmp"],
+        )
     return [ext], {"build_ext": BuildExtension}
 
 

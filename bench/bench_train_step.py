@@ -57,6 +57,7 @@ class Row:
     gflop_per_sample: float | None
     gflops_achieved: float | None
     mfu: float | None
+    cpu_share: float
     loss: float
 
 
@@ -69,13 +70,19 @@ def size_class(name: str) -> str:
 
 
 def estimate_seconds(name: str, took: dict[str, float]) -> float:
-    """Projected time of a preset from the longest one of its size class measured so far
-    (a B/16 step costs ~4x a B/32 one: 4x the image tokens); 0 when nothing is known."""
+    """Projected seconds for a preset: the longest one of its size class measured so far, else
+    a multiple of a smaller class (a full B/32 step at batch 2 does ~4x the FLOPs of a tiny
+    step at batch 32 and runs fewer steps; B/16 has ~4x B/32's image tokens); 0 if unknown."""
     cls = size_class(name)
     if cls in took:
         return took[cls]
-    if cls == "b16" and "b32" in took:
-        return 3.0 * took["b32"]
+    if cls == "b32" and "tiny" in took:
+        return 5.0 * took["tiny"]
+    if cls == "b16":
+        if "b32" in took:
+            return 3.0 * took["b32"]
+        if "tiny" in took:
+            return 15.0 * took["tiny"]
     return 0.0
 
 
@@ -155,10 +162,14 @@ def bench_preset(name: str, batch: int, warmup: int, repeats: int, min_run_time:
     # steps per call, which a multi-second full-size step cannot afford.) The statistics come
     # from torch.utils.benchmark's Measurement.
     times: list[float] = []
+    cpu0 = time.process_time()
     while len(times) < repeats or sum(times) < min_run_time:
         t0 = time.perf_counter()
         loss = step()
         times.append(time.perf_counter() - t0)
+    # CPU seconds this process got per wall second per thread: ~1 on an idle machine; far
+    # below 1 means other processes took the cores and the times are inflated.
+    cpu_share = (time.process_time() - cpu0) / sum(times) / torch.get_num_threads()
     m = benchmark.Measurement(
         number_per_run=1, raw_times=times,
         task_spec=TaskSpec(stmt="train_step()", setup="", label="train step", sub_label=name,
@@ -176,7 +187,9 @@ def bench_preset(name: str, batch: int, warmup: int, repeats: int, min_run_time:
         samples_per_s=batch / median,
         gflop_per_sample=flop_per_sample / 1e9 if flop_per_sample else None,
         gflops_achieved=flop_per_sample * batch / median / 1e9 if flop_per_sample else None,
-        mfu=(flop_per_sample * batch / median / (peak_tflops * 1e12)) if (flop_per_sample and peak_tflops) else None,
+        mfu=(flop_per_sample * batch / median / (peak_tflops * 1e12)
+             if (flop_per_sample and peak_tflops) else None),
+        cpu_share=cpu_share,
         loss=loss,
     )
     del model, step
@@ -218,6 +231,7 @@ def _fmt(x, spec):
 
 
 def to_markdown(rows: list[Row], skipped: list[str], command: str, total_s: float) -> str:
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     head = [
         BEGIN,
         "## Train step throughput (reference backend, fp32, CPU)",
@@ -225,22 +239,24 @@ def to_markdown(rows: list[Row], skipped: list[str], command: str, total_s: floa
         "One step = forward + ClipLoss + backward + AdamW step on synthetic inputs; every op pinned",
         "to the plain-PyTorch `reference` backend. Median and IQR (`torch.utils.benchmark.Measurement`) over",
         "single timed steps after warmup; the FLOP-counting step is an extra warmup. GFLOP/sample counts forward + backward",
-        "matmuls and convolutions (`FlopCounterMode`), not the optimizer.",
+        "matmuls and convolutions (`FlopCounterMode`), not the optimizer. CPU share = process CPU",
+        "time / (wall time x torch threads) over the timed steps: well below 1 means other",
+        "processes held the cores and the step times are inflated by contention, not by the code.",
         "",
         f"- Machine: {machine()}",
         f"- Command: `{command}`",
         f"- Date: {_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
         f"- Commit: {git_commit()}",
-        f"- Total benchmark time: {total_s:.0f} s",
+        f"- Total benchmark time: {total_s:.0f} s; load average (1/5/15 min) at the end: {load}",
         "",
         "| preset | params (M) | batch | image px | step median (ms) | IQR (ms) | timed steps "
-        "| samples/s | GFLOP/sample | achieved GFLOP/s | MFU |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| samples/s | GFLOP/sample | achieved GFLOP/s | MFU | CPU share |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     body = [
         f"| {r.preset} | {r.params_m:.2f} | {r.batch} | {r.image_size} | {r.median_ms:.1f} | "
         f"{r.iqr_ms:.1f} | {r.timed_steps} | {r.samples_per_s:.2f} | {_fmt(r.gflop_per_sample, '.2f')} | "
-        f"{_fmt(r.gflops_achieved, '.1f')} | {_fmt(r.mfu, '.1%')} |"
+        f"{_fmt(r.gflops_achieved, '.1f')} | {_fmt(r.mfu, '.1%')} | {r.cpu_share:.2f} |"
         for r in rows
     ]
     tail = [""]
@@ -334,8 +350,8 @@ def _main(argv: list[str] | None) -> list[Row]:
         repeats = args.repeats if tiny else args.full_repeats
         row = bench_preset(name, batch, warmup, repeats, args.min_run_time if tiny else 0.0,
                            not args.no_flops, args.peak_tflops)
-        print(f"{name:18s} batch {batch:3d}: {row.median_ms:9.1f} ms/step  {row.samples_per_s:8.2f} samples/s",
-              flush=True)
+        print(f"{name:18s} batch {batch:3d}: {row.median_ms:9.1f} ms/step  {row.samples_per_s:8.2f} samples/s"
+              f"  (CPU share {row.cpu_share:.2f})", flush=True)
         rows.append(row)
         took[size_class(name)] = max(took.get(size_class(name), 0.0), time.perf_counter() - t0)
     section = to_markdown(rows, skipped, command.strip(), time.perf_counter() - start)

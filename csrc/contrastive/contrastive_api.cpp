@@ -102,6 +102,17 @@ struct TorchTiles : TileProducts {
   }
 };
 
+#ifdef MSCLIP_FAST_WITH_CUDA
+CudaDType cuda_dtype(at::ScalarType t) {
+  return t == at::kFloat ? CudaDType::kFloat32
+                         : (t == at::kHalf ? CudaDType::kFloat16 : CudaDType::kBFloat16);
+}
+
+void cuda_check(cudaError_t e, const char* fn) {
+  TORCH_CHECK(e == cudaSuccess, fn, ": CUDA launch failed: ", cudaGetErrorString(e));
+}
+#endif
+
 CpuOptions cpu_options(int64_t tile) {
   CpuOptions opt;
   opt.tile_rows = opt.tile_cols = tile > 0 ? tile : kDefaultTile;

@@ -154,9 +154,10 @@ class ModelConfig:
             ``[1, layers)`` with early specialization).
         early_specialization: vision block 0 becomes the conv stem and text block 0 stays
             text-only (so ``share_layers`` must start at >= 1).
-        packed: run image and text tokens through each shared block in one call. Default
-            (null): true when attention and FFN are both shared. NOTE: until issue 3 the packed
-            mode computes with the per-tower path (packed == per-tower; same function).
+        packed: ``model(images, tokens)`` runs image and text tokens through each shared
+            block in one call (DESIGN §3); false runs the towers one after the other (same
+            function). Default (null): true when attention and FFN are both shared; true
+            with any other sharing raises.
         parallel_ffn_dim: hidden width of the optional per-modality bottleneck FFN beside
             each shared block (0 = off).
         mlp_ratio, act, ln_eps: FFN ratio, activation, LayerNorm epsilon.

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modules.block import TransformerBlock
-from ..modules.layer_norm import ModalityLayerNorm
+from ..modules.layer_norm import IMAGE, TEXT, ModalityLayerNorm
+from ..modules.packing import PackedBatch
 from .config import ModelConfig
 from .towers import TextTower, VisionTower
 
@@ -27,8 +28,9 @@ class MSCLIP(nn.Module):
         per-modality LayerNorms stacked (2, D).
         ``logit_scale``: 0-d.
 
-    ``cfg.packed``: accepted, but until issue 3 the packed mode runs the per-tower path
-    (packed == per-tower; it is the same function).
+    ``cfg.packed``: ``forward(images, tokens)`` runs every shared block once on the packed
+    image+text tokens (DESIGN §3, :meth:`forward_features`); ``encode_image`` /
+    ``encode_text`` always run per tower. Both paths compute the same function.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -44,8 +46,6 @@ class MSCLIP(nn.Module):
         })
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
         self._locked = {"image": False, "text": False}
-        if cfg.packed:
-            logger.debug("packed=True: running the per-tower path (same function) until packed execution lands")
         self._init_clip()
 
     # -- attributes of the public API -----------------------------------------------------
@@ -149,8 +149,74 @@ class MSCLIP(nn.Module):
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
         """Returns ``(image_features (B, E), text_features (B', E), scale)``, features
-        L2-normalized, ``scale = exp(logit_scale)`` clamped at ``logit_scale_max`` (0-d)."""
-        img = self.encode_image(images)
-        txt = self.encode_text(tokens)
+        L2-normalized, ``scale = exp(logit_scale)`` clamped at ``logit_scale_max`` (0-d).
+        ``B`` and ``B'`` may differ. Packed execution when ``config.packed``."""
+        img, txt = self.forward_features(images, tokens)
         scale = self.logit_scale.exp().clamp(max=self.config.logit_scale_max)
-        return img, txt, scale
+        return F.normalize(img, dim=-1), F.normalize(txt, dim=-1), scale
+
+    def forward_features(self, images: torch.Tensor, tokens: torch.Tensor,
+                         packed: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unnormalized ``(image (B, E), text (B', E))`` features of both towers.
+
+        Args:
+            images: ``(B, 3, H, W)`` float, normalized.
+            tokens: ``(B', context_length)`` int64; ``B'`` may differ from ``B``.
+            packed: packed (True) or per-tower (False) execution; default ``config.packed``.
+                Packed needs a config whose shared blocks share attention and FFN.
+        Raises:
+            ValueError: bad input shapes, or ``packed=True`` on a config that cannot pack.
+        """
+        packed = self.config.packed if packed is None else packed
+        if not packed:
+            x = images.to(self.visual.class_embedding.dtype)
+            return self.visual(x, self.vision_blocks()), self.text(tokens, self.text_blocks())
+        if not all(b.can_pack for b in self.blocks.values()) or not self.blocks:
+            raise ValueError(f"packed execution needs share to include 'attn' and 'mlp' with non-empty share_layers; "
+                             f"this model has share={list(self.config.share)}, "
+                             f"share_layers={list(self.config.share_layers)}")
+        return self._features_packed(images, tokens)
+
+    def _features_packed(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed execution (DESIGN §3).
+
+        1. Per-tower prefixes: vision stem/patchify + CLS + pos-emb + ln_pre and any vision-only
+           blocks before the shared range (with their adapters); text embeddings and the
+           text-only blocks before it (MS-CLIP-S: text block 0).
+        2. Shared blocks ``start .. end-1`` on ``x (T, D)``, images first: one GEMM per shared
+           weight, one varlen attention call, one modality-indexed LayerNorm call per LN; the
+           residual add that ends a block is fused into the next block's ln_1. A lateral
+           adapter sitting before shared block ``i`` acts on the image slice between blocks.
+        3. Unpack; tower-only blocks after the shared range; CLS / EOT pooling, projections.
+        The packing metadata is built once, on the host, from the shapes (no host syncs).
+        """
+        v, t = self.visual, self.text
+        start, end = self.config.share_layers
+        images = images.to(v.class_embedding.dtype)
+        xi, branch = v.embed(images), images
+        for i in range(v.first_block, start):
+            xi, branch = v.adapt(i, xi, branch)
+            xi = v.blocks[str(i)](xi, IMAGE, causal=False)
+        xt = t.embed(tokens)
+        for i in range(0, start):
+            xt = t.blocks[str(i)](xt, TEXT, causal=True)
+        xt = xt.to(xi.dtype)
+
+        pack = PackedBatch.build(xi.shape[0], xi.shape[1], xt.shape[0], xt.shape[1], device=xi.device)
+        x, y = pack.pack(xi, xt), None
+        n_img = pack.image_rows
+        for i in range(start, end):
+            if i in v.adapter_layers:
+                if y is not None:
+                    x, y = x + y, None
+                img, branch = v.adapt(i, x[:n_img].reshape(pack.num_images, pack.image_len, -1), branch)
+                x = torch.cat([img.reshape(n_img, -1), x[n_img:]], 0)
+            x, y = self.blocks[str(i)].forward_packed(x, pack, y)
+        xi, xt = pack.unpack(x + y)
+
+        for i in range(end, v.layers):
+            xi, branch = v.adapt(i, xi, branch)
+            xi = v.blocks[str(i)](xi, IMAGE, causal=False)
+        for i in range(end, t.layers):
+            xt = t.blocks[str(i)](xt, TEXT, causal=True)
+        return v.pool(xi), t.pool(xt, tokens)

@@ -47,6 +47,21 @@ class VisionTower(nn.Module):
     def forward(self, images: torch.Tensor, blocks: Sequence[TransformerBlock]) -> torch.Tensor:
         """``images`` (B, 3, S, S) normalized -> (B, embed_dim) unnormalized features.
         ``blocks``: the block of every vision position ``first_block .. layers-1``."""
+        x = self.embed(images)
+        branch = images
+        for i, blk in zip(range(self.first_block, self.layers), blocks):
+            x, branch = self.adapt(i, x, branch)
+            x = blk(x, IMAGE, causal=False)
+        return self.pool(x)
+
+    # The pieces of forward, also used by the packed path (MSCLIP), which runs the shared
+    # blocks on packed image+text tokens between them.
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Stem/patchify + CLS + positional embedding + ln_pre: (B, 3, S, S) -> (B, 1 + grid², D).
+
+        Raises:
+            ValueError: images not (B, 3, H, W) or of a size that does not give the token grid.
+        """
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
         feat = self.stem(images)
@@ -59,14 +74,20 @@ class VisionTower(nn.Module):
         x = feat.flatten(2).transpose(1, 2)  # (B, grid², D)
         cls = self.class_embedding.to(x.dtype).expand(B, 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-        x = self.ln_pre(x)
-        branch = images
-        for i, blk in zip(range(self.first_block, self.layers), blocks):
-            if i in self.adapter_layers:
-                j = self.adapter_layers.index(i)
-                branch = self.branch.stages[j](branch)
-                x = self.branch.adapters[j](branch, x, self.grid)
-            x = blk(x, IMAGE, causal=False)
+        return self.ln_pre(x)
+
+    def adapt(self, i: int, x: torch.Tensor, branch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Before vision block ``i``: when a lateral adapter sits there, advance the parallel
+        branch one stage and fuse it into the tokens. ``x`` (B, 1 + grid², D); ``branch`` the
+        branch's current map (the images before stage 0). Returns ``(x, branch)``."""
+        if i in self.adapter_layers:
+            j = self.adapter_layers.index(i)
+            branch = self.branch.stages[j](branch)
+            x = self.branch.adapters[j](branch, x, self.grid)
+        return x, branch
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """CLS token -> ln_post -> projection: (B, L, D) -> (B, embed_dim)."""
         return self.ln_post(x[:, 0]) @ self.proj
 
 
@@ -93,13 +114,26 @@ class TextTower(nn.Module):
 
     def forward(self, tokens: torch.Tensor, blocks: Sequence[TransformerBlock]) -> torch.Tensor:
         """``tokens`` (B, context_length) int64 -> (B, embed_dim) unnormalized features."""
+        x = self.embed(tokens)
+        for blk in blocks:
+            x = blk(x, TEXT, causal=True)
+        return self.pool(x, tokens)
+
+    # The pieces of forward, also used by the packed path (MSCLIP).
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token + positional embedding: (B, context_length) -> (B, context_length, D).
+
+        Raises:
+            ValueError: wrong shape or dtype of ``tokens``.
+        """
         if tokens.dim() != 2 or tokens.shape[1] != self.context_length:
             raise ValueError(f"tokens must be (B, {self.context_length}), got shape {tuple(tokens.shape)}")
         if tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"tokens must be int64 (or int32), got {tokens.dtype}")
-        x = self.token_embedding(tokens) + self.positional_embedding
-        for blk in blocks:
-            x = blk(x, TEXT, causal=True)
+        return self.token_embedding(tokens) + self.positional_embedding
+
+    def pool(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """EOT row (position of the largest id) -> ln_final -> projection: (B, L, D) -> (B, E)."""
         eot = tokens.argmax(dim=-1)
         pooled = x[torch.arange(x.shape[0], device=x.device), eot]
         # LayerNorm is per row, so normalizing the pooled rows equals CLIP's ln_final-then-pool.

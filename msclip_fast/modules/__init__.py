@@ -3,6 +3,7 @@ from .attention import MultiheadSelfAttention
 from .block import SHARE_CHOICES, TransformerBlock
 from .layer_norm import IMAGE, MODALITY_NAMES, TEXT, ModalityLayerNorm
 from .mlp import MLP, ModalityParallelFFN
+from .packing import PackedBatch
 
 __all__ = [
     "IMAGE",
@@ -11,6 +12,7 @@ __all__ = [
     "ModalityLayerNorm",
     "ModalityParallelFFN",
     "MultiheadSelfAttention",
+    "PackedBatch",
     "SHARE_CHOICES",
     "TEXT",
     "TransformerBlock",

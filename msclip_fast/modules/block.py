@@ -17,6 +17,7 @@ from torch import nn
 from .attention import MultiheadSelfAttention
 from .layer_norm import MODALITY_NAMES, ModalityLayerNorm
 from .mlp import MLP, ModalityParallelFFN
+from .packing import PackedBatch
 
 SHARE_CHOICES = ("attn", "mlp", "ln")
 
@@ -138,6 +139,51 @@ class TransformerBlock(nn.Module):
         if self.parallel_ffn is not None:
             y = y + self.parallel_ffn(h, i)
         return x + y
+
+    @property
+    def can_pack(self) -> bool:
+        """True when image and text rows can run this block in one packed call: both
+        modalities (image 0, text 1) run it and its attention and FFN are shared."""
+        return self.modalities == (0, 1) and {"attn", "mlp"} <= self.share
+
+    def forward_packed(self, x: torch.Tensor, pack: PackedBatch, pending: torch.Tensor | None = None):
+        """Run a packed two-modality batch through this block (DESIGN §3).
+
+        QKV, out-projection and both FFN GEMMs run once over all ``T`` rows; attention is one
+        varlen call with a per-sequence causal flag; each LayerNorm is one modality-indexed
+        call (``pack.modality_ids``; block-local ids equal global ids since modalities are
+        (0, 1)). The parallel FFN, when present, is one grouped call over the two contiguous
+        modality segments.
+
+        The block's final residual add is left to the caller (returned as ``(x, y)`` with
+        output ``x + y``) so that the next block can fuse it into its first LayerNorm: pass
+        the previous block's ``y`` as ``pending``.
+
+        Args:
+            x: ``(T, D)`` packed tokens (the residual stream, without ``pending``).
+            pack: the batch's :class:`PackedBatch`.
+            pending: ``(T, D)`` residual update still to be added to ``x``, or None.
+        Returns:
+            ``(x, y)``, both ``(T, D)``; the block output is ``x + y``.
+        Raises:
+            ValueError: the block cannot run packed (see :attr:`can_pack`) or bad shapes.
+        """
+        if not self.can_pack:
+            raise ValueError(f"packed execution needs a block of modalities (0, 1) with shared attn and mlp; "
+                             f"this one has modalities={self.modalities}, share={sorted(self.share)}")
+        if x.dim() != 2 or x.shape[0] != pack.total_rows:
+            raise ValueError(f"packed x must be ({pack.total_rows}, {self.width}), got {tuple(x.shape)}")
+        ids = pack.modality_ids
+        if pending is None:
+            h = self.ln_1(x, ids)
+        else:
+            h, x = self.ln_1(pending, ids, residual=x)
+        a = self.attn(h, causal=pack.causal, cu_seqlens=pack.cu_seqlens)
+        h, x = self.ln_2(a, ids, residual=x)
+        y = self.mlp(h)
+        if self.parallel_ffn is not None:
+            y = y + self.parallel_ffn.forward_grouped(h, pack.group_sizes)
+        return x, y
 
     def extra_repr(self) -> str:
         return f"modalities={self.modalities}, share={sorted(self.share)}"

@@ -4,11 +4,11 @@ Models reach kernels only through this package; every op works on the CPU withou
 CUDA or the compiled extension through its ``"reference"`` backend.
 """
 from .attention import attention, attention_ref
-from .bias_act import ACTIVATIONS, bias_act, bias_act_ref
+from .bias_act import ACTIVATIONS, bias_act, bias_act_ref, ffn, ffn_ref
 from .contrastive import contrastive_loss, contrastive_loss_ref
 from .layer_norm import modality_layer_norm, modality_layer_norm_ref
 
-OPS = {f.op.name: f.op for f in (attention, modality_layer_norm, bias_act, contrastive_loss)}
+OPS = {f.op.name: f.op for f in (attention, modality_layer_norm, bias_act, ffn, contrastive_loss)}
 
 
 def backend_status() -> dict[str, dict[str, list[str]]]:
@@ -26,6 +26,8 @@ __all__ = [
     "bias_act_ref",
     "contrastive_loss",
     "contrastive_loss_ref",
+    "ffn",
+    "ffn_ref",
     "modality_layer_norm",
     "modality_layer_norm_ref",
 ]

@@ -13,6 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import attention_triton as _att
+from ._triton import triton_available
 from .registry import Backend, Op, tensor_reasons
 
 
@@ -56,13 +58,35 @@ def attention_ref(q, k, v, cu_seqlens=None, causal=False, scale=None):
         return _dense(q, k, v, bool(causal), scale)
     bounds = cu_seqlens.tolist()
     flags = causal.tolist() if isinstance(causal, torch.Tensor) else [bool(causal)] * (len(bounds) - 1)
+    H, K = q.shape[1], q.shape[2]
     outs = []
+    for a, n, L, c in varlen_groups(bounds, flags):
+        # n consecutive sequences of length L with one causal flag: one batched call.
+        # (n·L, H, K) -> (n, H, L, K)
+        qi, ki, vi = (t[a:a + n * L].reshape(n, L, H, K).transpose(1, 2) for t in (q, k, v))
+        outs.append(_dense(qi, ki, vi, c, scale).transpose(1, 2).reshape(n * L, H, K))
+    return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
+
+
+def varlen_groups(bounds: list[int], flags: list[bool]) -> list[tuple[int, int, int, bool]]:
+    """Split varlen sequences into runs of consecutive sequences of equal length and equal
+    causal flag, so the reference computes each run as one batched ``(n, H, L, K)`` call
+    instead of a Python loop over sequences (a packed image+text batch is two runs).
+
+    Args:
+        bounds: host list of ``S+1`` cumulative sequence starts (``cu_seqlens.tolist()``).
+        flags: host list of ``S`` causal flags.
+    Returns:
+        ``[(start_row, n_sequences, length, causal), ...]`` covering every sequence in order.
+    """
+    groups: list[list] = []
     for i in range(len(bounds) - 1):
-        a, b = bounds[i], bounds[i + 1]
-        # (L, H, K) -> (H, L, K)
-        qi, ki, vi = (t[a:b].transpose(0, 1) for t in (q, k, v))
-        outs.append(_dense(qi, ki, vi, bool(flags[i]), scale).transpose(0, 1))
-    return torch.cat(outs, 0)
+        a, L, c = bounds[i], bounds[i + 1] - bounds[i], bool(flags[i])
+        if groups and groups[-1][2] == L and groups[-1][3] == c:
+            groups[-1][1] += 1
+        else:
+            groups.append([a, 1, L, c])
+    return [tuple(g) for g in groups]
 
 
 def _sdpa(q, k, v, cu_seqlens=None, causal=False, scale=None):
@@ -74,9 +98,31 @@ def _sdpa_supports(q, k, v, cu_seqlens=None, causal=False, scale=None):
     return ["varlen (cu_seqlens) layout not supported"] if cu_seqlens is not None else []
 
 
+def _triton(q, k, v, cu_seqlens=None, causal=False, scale=None):
+    _check(q, k, v, cu_seqlens, causal)
+    return _att.attention_triton(q, k, v, cu_seqlens=cu_seqlens, causal=causal, scale=scale)
+
+
+def _xformers(q, k, v, cu_seqlens=None, causal=False, scale=None):
+    _check(q, k, v, cu_seqlens, causal)
+    return _att.attention_xformers(q, k, v, cu_seqlens=cu_seqlens, causal=causal, scale=scale)
+
+
 _OP = Op("attention")
 _OP.register(Backend("reference", attention_ref))
 _OP.register(Backend("sdpa", _sdpa, supports=_sdpa_supports))
+# "triton" first: auto takes it for CUDA tensors, the reference for CPU tensors
+_OP.register(
+    Backend("triton", _triton, supports=_att.supports, available=triton_available, auto_skip=_att.auto_skip),
+    before="reference",
+)
+# a peer for benchmarks and users; never chosen by "auto" (Triton or the reference is)
+_OP.register(
+    Backend(
+        "xformers", _xformers, supports=_att.xformers_supports, available=_att.xformers_available,
+        auto_skip=lambda *a, **k: ["peer backend: select backend='xformers' by name"],
+    )
+)
 
 
 def attention(q, k, v, cu_seqlens=None, causal=False, scale=None, backend: str = "auto"):
@@ -88,7 +134,10 @@ def attention(q, k, v, cu_seqlens=None, causal=False, scale=None, backend: str =
         cu_seqlens: ``(S+1,)`` int32 sequence boundaries for the varlen layout, or None.
         causal: bool, or ``(S,)`` bool tensor with one flag per packed sequence.
         scale: softmax scale; default ``1/sqrt(K)``.
-        backend: "auto", "reference", "sdpa" (torch SDPA, batched layout only).
+        backend: "auto" (Triton for CUDA tensors, else the reference), "reference", "sdpa"
+            (torch SDPA, batched layout only), "triton" (fp32/fp16/bf16, head dim <= 128,
+            deterministic backward; CPU tensors only under ``TRITON_INTERPRET=1``),
+            "xformers" (CUDA, when installed; varlen only with one causal flag for all).
     Returns:
         Tensor shaped like ``q``, in ``q.dtype``.
     Raises:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import bias_act_triton as _bat
+from ._triton import triton_available
 from .registry import Backend, Op
 
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
@@ -22,8 +24,28 @@ def bias_act_ref(x, bias=None, act: str = "quick_gelu"):
     return F.gelu(x, approximate="tanh" if act == "gelu_tanh" else "none")
 
 
+def _check_bias(x, bias, act):
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    if bias is not None and bias.shape != x.shape[-1:]:
+        raise ValueError(f"bias must be ({x.shape[-1]},), got {tuple(bias.shape)}")
+
+
+def _triton(x, bias=None, act: str = "quick_gelu"):
+    _check_bias(x, bias, act)
+    return _bat.bias_act_triton(x, bias, act)
+
+
 _OP = Op("bias_act")
 _OP.register(Backend("reference", bias_act_ref))
+# "triton" first: auto takes it for CUDA tensors, the reference for CPU tensors
+_OP.register(
+    Backend(
+        "triton", _triton, supports=_bat.bias_act_supports, available=triton_available,
+        auto_skip=_bat.bias_act_auto_skip,
+    ),
+    before="reference",
+)
 
 
 def bias_act(x, bias=None, act: str = "quick_gelu", backend: str = "auto"):
@@ -34,7 +56,8 @@ def bias_act(x, bias=None, act: str = "quick_gelu", backend: str = "auto"):
         bias: ``(N,)`` or None.
         act: "quick_gelu" (``x·σ(1.702x)``, Radford et al. 2021), "gelu" (erf, Hendrycks &
             Gimpel 2016) or "gelu_tanh" (tanh approximation).
-        backend: "auto" or "reference".
+        backend: "auto", "reference" or "triton" (CUDA tensors, fp32/fp16/bf16; CPU tensors
+            under ``TRITON_INTERPRET=1``).
     Returns:
         Tensor shaped like ``x``.
     Raises:
@@ -44,3 +67,65 @@ def bias_act(x, bias=None, act: str = "quick_gelu", backend: str = "auto"):
 
 
 bias_act.op = _OP
+
+
+def _check_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, act):
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    if fc_weight.dim() != 2 or fc_weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"fc_weight must be (N, {x.shape[-1]}), got {tuple(fc_weight.shape)}")
+    if proj_weight.dim() != 2 or proj_weight.shape[1] != fc_weight.shape[0]:
+        raise ValueError(f"proj_weight must be (D_out, {fc_weight.shape[0]}), got {tuple(proj_weight.shape)}")
+    if fc_bias is not None and fc_bias.shape != fc_weight.shape[:1]:
+        raise ValueError(f"fc_bias must be ({fc_weight.shape[0]},), got {tuple(fc_bias.shape)}")
+    if proj_bias is not None and proj_bias.shape != proj_weight.shape[:1]:
+        raise ValueError(f"proj_bias must be ({proj_weight.shape[0]},), got {tuple(proj_bias.shape)}")
+
+
+def ffn_ref(x, fc_weight, fc_bias, proj_weight, proj_bias, act: str = "quick_gelu"):
+    """Plain PyTorch reference for :func:`ffn` (same arguments): Linear → bias_act → Linear."""
+    _check_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, act)
+    return F.linear(bias_act_ref(F.linear(x, fc_weight), fc_bias, act), proj_weight, proj_bias)
+
+
+def _ffn_triton(x, fc_weight, fc_bias, proj_weight, proj_bias, act: str = "quick_gelu"):
+    _check_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, act)
+    return _bat.ffn_triton(x, fc_weight, fc_bias, proj_weight, proj_bias, act)
+
+
+_FFN = Op("ffn")
+_FFN.register(Backend("reference", ffn_ref))
+_FFN.register(
+    Backend(
+        "triton", _ffn_triton, supports=_bat.ffn_supports, available=triton_available,
+        auto_skip=_bat.ffn_auto_skip,
+    ),
+    before="reference",
+)
+
+
+def ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, act: str = "quick_gelu", backend: str = "auto"):
+    """The transformer FFN ``proj(act(fc(x)))`` = ``act(x W1ᵀ + b1) W2ᵀ + b2``.
+
+    The "triton" backend saves only ``x`` and the pre-activation ``x W1ᵀ`` for backward and
+    recomputes the activation there (one elementwise kernel), so the hidden-width tensor is
+    stored once instead of twice (eager Linear → act → Linear keeps both). Parameters are
+    plain tensors so one call serves ``nn.Linear`` weights (``c_fc.weight`` ...) and the
+    stacked per-modality weights of the parallel FFN (``down_weight[m]`` ...).
+
+    Args:
+        x: ``(..., D)`` input, any float dtype (under autocast the GEMMs follow autocast).
+        fc_weight: ``(N, D)``; fc_bias: ``(N,)`` or None.
+        proj_weight: ``(D_out, N)``; proj_bias: ``(D_out,)`` or None.
+        act: "quick_gelu", "gelu" or "gelu_tanh".
+        backend: "auto", "reference" or "triton" (CUDA tensors, fp32/fp16/bf16; CPU tensors
+            under ``TRITON_INTERPRET=1``).
+    Returns:
+        ``(..., D_out)`` in the GEMMs' dtype.
+    Raises:
+        ValueError: unknown ``act``, mismatched shapes, or an unusable backend.
+    """
+    return _FFN(x, fc_weight, fc_bias, proj_weight, proj_bias, act=act, backend=backend)
+
+
+ffn.op = _FFN

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import contrastive_fused as _fused
 from .registry import Backend, Op
 
 
@@ -28,6 +29,11 @@ def contrastive_loss_ref(img, txt, scale):
 
 
 _OP = Op("contrastive_loss")
+# registration order is the "auto" preference: cuda > cpu > reference
+_OP.register(Backend("cuda", _fused.contrastive_loss_fused, supports=_fused.cuda_supports,
+                     available=_fused.cuda_available))
+_OP.register(Backend("cpu", _fused.contrastive_loss_fused, supports=_fused.cpu_supports,
+                     available=_fused.cpu_available))
 _OP.register(Backend("reference", contrastive_loss_ref))
 
 
@@ -41,12 +47,18 @@ def contrastive_loss(img, txt, scale, backend: str = "auto"):
         img: ``(N, D)`` image features (normally L2-normalized), float32/16/bf16/64.
         txt: ``(N, D)`` text features, row i paired with ``img[i]``.
         scale: 0-d tensor ``exp(logit_scale)``; receives a gradient.
-        backend: "auto" or "reference".
+        backend: "auto", "cuda" (extension built with CUDA, CUDA tensors), "cpu" (extension,
+            CPU tensors; both fused: O(N) memory, float32/16/bf16 inputs, fp32 accumulation) or
+            "reference" (materializes the N x N logits; any float dtype). "auto" takes the first
+            of cuda, cpu, reference that can run the inputs.
     Returns:
         0-d float32 (float64 for float64 inputs) tensor: the mean of both directions.
     Raises:
         ValueError: shape mismatch or an unusable backend.
     """
+    _check(img, txt, scale)
+    if img.shape[0] != txt.shape[0]:
+        raise ValueError(f"img and txt must have one row count N, got {img.shape[0]} and {txt.shape[0]}")
     return _OP(img, txt, scale, backend=backend)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from . import layer_norm_triton as _lnt
+from ._triton import triton_available
 from .registry import Backend, Op
 
 
@@ -46,8 +48,20 @@ def modality_layer_norm_ref(x, weight, bias, modality_ids, eps: float = 1e-12, r
     return (out, x) if residual is not None else out
 
 
+def _triton(x, weight, bias, modality_ids, eps: float = 1e-12, residual=None):
+    _check(x, weight, bias, modality_ids)
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual shape {tuple(residual.shape)} must equal x shape {tuple(x.shape)}")
+    return _lnt.modality_layer_norm_triton(x, weight, bias, modality_ids, eps=eps, residual=residual)
+
+
 _OP = Op("modality_layer_norm")
 _OP.register(Backend("reference", modality_layer_norm_ref))
+# "triton" first: auto takes it for CUDA tensors, the reference for CPU tensors
+_OP.register(
+    Backend("triton", _triton, supports=_lnt.supports, available=triton_available, auto_skip=_lnt.auto_skip),
+    before="reference",
+)
 
 
 def modality_layer_norm(x, weight, bias, modality_ids, eps: float = 1e-12, residual=None, backend: str = "auto"):
@@ -63,7 +77,8 @@ def modality_layer_norm(x, weight, bias, modality_ids, eps: float = 1e-12, resid
             row, or a Python int applying one modality to all rows.
         eps: variance epsilon (1e-12 in MS-CLIP).
         residual: optional tensor shaped like ``x`` added to ``x`` before normalizing.
-        backend: "auto" or "reference".
+        backend: "auto", "reference" or "triton" (CUDA tensors, fp32/fp16/bf16; CPU
+            tensors under ``TRITON_INTERPRET=1``; out-of-range ids are not checked on CUDA).
     Returns:
         ``out`` shaped like ``x``; with ``residual``, the pair ``(out, x + residual)``.
     Raises:

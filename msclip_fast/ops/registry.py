@@ -24,13 +24,17 @@ class Backend:
     """One implementation of an op.
 
     ``fn`` computes the op; ``supports`` returns why it cannot run the given inputs;
-    ``available`` returns why it cannot run at all on this machine (missing package...).
+    ``available`` returns why it cannot run at all on this machine (missing package...);
+    ``auto_skip`` returns why ``"auto"`` should pass over it for these inputs although an
+    explicit request may run it (e.g. Triton on CPU tensors through the interpreter: correct
+    but far slower than the reference, so only tests select it by name).
     """
 
     name: str
     fn: Callable
     supports: Callable[..., list[str]] = lambda *a, **k: []
     available: Callable[[], list[str]] = lambda: []
+    auto_skip: Callable[..., list[str]] = lambda *a, **k: []
 
 
 @dataclass
@@ -41,10 +45,20 @@ class Op:
     backends: dict[str, Backend] = field(default_factory=dict)
     _warned: set = field(default_factory=set)
 
-    def register(self, backend: Backend) -> None:
+    def register(self, backend: Backend, before: str | None = None) -> None:
+        """Add ``backend``; ``before`` names a registered backend that ``"auto"`` should try
+        after it (default: last in the preference order)."""
         if backend.name not in BACKEND_NAMES:
             raise ValueError(f"backend name must be one of {BACKEND_NAMES}, got {backend.name!r}")
-        self.backends[backend.name] = backend
+        if before is None:
+            self.backends[backend.name] = backend
+            return
+        if before not in self.backends:
+            raise ValueError(f"{self.name}: before={before!r} is not a registered backend {list(self.backends)}")
+        items = [(n, b) for n, b in self.backends.items() if n != backend.name]
+        i = [n for n, _ in items].index(before)
+        items.insert(i, (backend.name, backend))
+        self.backends = dict(items)
 
     def status(self) -> dict[str, list[str]]:
         """Backend name -> reasons it is unavailable here (empty: available)."""
@@ -72,7 +86,9 @@ class Op:
             return b
         skipped = []
         for b in self.backends.values():
-            reasons = list(b.available()) or list(b.supports(*args, **kwargs))
+            reasons = (
+                list(b.available()) or list(b.supports(*args, **kwargs)) or list(b.auto_skip(*args, **kwargs))
+            )
             if not reasons:
                 if skipped and (b.name, skipped[0][0]) not in self._warned:
                     self._warned.add((b.name, skipped[0][0]))

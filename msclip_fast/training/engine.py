@@ -197,6 +197,11 @@ def resolve_ds_config(path: str | None, args, world_size: int, device_type: str)
         section = dict(cfg.get(name, {}))
         section["enabled"] = args.precision == name
         cfg[name] = section
+    if args.precision in ("bf16", "fp16"):
+        # DeepSpeed >= 0.18 casts parameters but keeps float buffers in fp32 unless told;
+        # BatchNorm (MS-CLIP-S stem / branch) then fails on the CPU with bf16 weights and fp32
+        # running stats ("expected scalar type BFloat16 but found Float"). Match the buffers.
+        cfg.setdefault("data_types", {}).setdefault("buffer_dtype", args.precision)
     if args.precision == "fp16" and device_type == "cpu":
         raise ValueError("--precision fp16 needs a CUDA device (DeepSpeed refuses fp16 on the CPU); use bf16")
     cfg["zero_allow_untested_optimizer"] = True  # our torch AdamW under ZeRO
@@ -265,20 +270,44 @@ class DeepSpeedEngine(_EngineBase):
         self.ds.train(mode)
 
     def consolidated_state_dict(self) -> dict | None:
-        """Full fp32 state_dict on rank 0 (None elsewhere); collective under ZeRO-3.
+        """Full fp32 state_dict on rank 0 (None elsewhere); collective (every rank calls it).
 
-        Under bf16 these are the module's bf16 weights cast to fp32 (not the fp32 masters)."""
+        ZeRO-3 parameters are gathered layer by layer (DeepSpeed's consolidation helper). Under
+        bf16/fp16 the trainable parameters are replaced by DeepSpeed's fp32 master copies
+        (``safe_get_full_fp32_param``), so model.pt is not rounded to 16 bits."""
         if self.zero_stage == 3:
             sd = self.ds._zero3_consolidated_16bit_state_dict()  # gathers layer by layer
         else:
             sd = self.ds.module.state_dict() if self.rank == 0 else None
+        masters = self._fp32_masters() if self.dtype is not None else {}
         if sd is None:
             return None
         sd = _fp32_cpu(sd)
+        for name, value in masters.items():
+            if name in sd:
+                sd[name] = value.reshape(sd[name].shape)
         for n in self.scalar_names:
             if n in sd:
                 sd[n] = sd[n].reshape(())
         return sd
+
+    def _fp32_masters(self) -> dict[str, torch.Tensor]:
+        """state_dict name -> fp32 master weight (CPU) on rank 0; collective over ranks."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        names: dict[int, list[str]] = {}
+        for n, p in self.ds.module.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), []).append(n)
+        out = {}
+        for p in self.ds.module.parameters():  # deduplicated, same order on every rank
+            if not p.requires_grad:
+                continue
+            full = safe_get_full_fp32_param(p)  # all-gathers the partitions
+            if full is not None and self.rank == 0:
+                full = full.detach().float().cpu().clone()
+                for n in names[id(p)]:
+                    out[n] = full
+        return out
 
     def save_state(self, ckpt_dir: Path) -> None:
         self.ds.save_checkpoint(str(ckpt_dir / "deepspeed"), tag="state", save_latest=False)

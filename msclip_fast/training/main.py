@@ -153,10 +153,14 @@ def _train(args, rank: int, world_size: int, local_rank: int, distributed: bool)
 
     t_start = time.time()
     device = pick_device(local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # collectives (all_gather_object) use the current device
     run_dir = Path(args.output)
     ds_config = resolve_ds_config(args.ds_config, args, world_size, device.type) if distributed else None
     if not distributed:
         args.precision = args.precision or "fp32"
+        if args.precision == "fp16" and device.type == "cpu":
+            raise ValueError("--precision fp16 needs a CUDA device (no fp16 training on the CPU); use bf16")
 
     seed_everything(args.seed)  # same init on every rank
     model = create_model(args.model, **_model_overrides(args))
@@ -226,6 +230,7 @@ def _train(args, rank: int, world_size: int, local_rank: int, distributed: bool)
     t_log, steps_since_log = time.time(), 0
     t_train, steps_run = time.time(), 0
     saved_at = step if args.resume else None
+    skipped_all = None  # summed over ranks at the end; this rank's counts if the run fails
     status = "running"
     batch_idx = skip
     engine.train(True)
@@ -289,6 +294,7 @@ def _train(args, rank: int, world_size: int, local_rank: int, distributed: bool)
         final_batch = batch_idx if (step >= stop_at and epoch < args.epochs) else 0
         if saved_at != step:
             last_ckpt = checkpoint(final_batch, epoch)
+        skipped_all = _gather_skipped(loader, world_size)  # collective: only on the normal path
         status = "finished"
     except BaseException as e:
         status = f"failed: {type(e).__name__}: {e}"
@@ -303,7 +309,8 @@ def _train(args, rank: int, world_size: int, local_rank: int, distributed: bool)
             "samples_per_s": steps_run * global_batch / wall if steps_run and wall > 0 else None,
             "wall_s": time.time() - t_start, "world_size": world_size, "engine": engine.kind,
             "zero_stage": engine.zero_stage, "precision": args.precision, "model": args.model,
-            "global_batch": global_batch, "skipped": dict(getattr(loader, "skipped", {}) or {}),
+            "global_batch": global_batch,
+            "skipped": skipped_all if skipped_all is not None else dict(getattr(loader, "skipped", {}) or {}),
             "last_checkpoint": last_ckpt, "run_dir": str(run_dir),
         }
         files.summary(summary)

@@ -49,3 +49,12 @@ def test_bad_arguments(bench):
         bench.select_presets("no-such-model")
     with pytest.raises(ValueError, match="batch-size"):
         bench.main(["--presets", "clip-tiny", "--batch-size", "0", "--no-write"])
+
+
+def test_time_budget_projection(bench):
+    assert bench.estimate_seconds("clip-b32", {}) == 0.0
+    assert bench.estimate_seconds("clip-b32", {"tiny": 10.0}) == 50.0
+    assert bench.estimate_seconds("msclip-s-b16", {"tiny": 10.0, "b32": 40.0}) == 120.0
+    assert bench.estimate_seconds("msclip-tiny", {"tiny": 3.0}) == 3.0
+    full = bench.select_presets("full")
+    assert full.index("clip-b32") < full.index("clip-b16")  # cheapest first

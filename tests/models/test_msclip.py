@@ -183,5 +183,7 @@ def test_packed_flag_same_function():
     b = create_model("msclip-tiny", packed=False).eval()
     b.load_state_dict(a.state_dict())
     images, tok = torch.randn(2, 3, 64, 64), _tokens(2)
+    # packed GEMMs run over more rows than per-tower ones, so BLAS may sum in another order:
+    # same function, equal up to fp32 rounding (exact fp64 equality: tests/models/test_packed.py)
     for x, y in zip(a(images, tok), b(images, tok)):
-        assert torch.equal(x, y)
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)

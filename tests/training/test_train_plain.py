@@ -72,8 +72,10 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(digits_shards, tmp_path, tra
 def test_bf16_lock_and_plot(digits_shards, tmp_path, train_args):
     run = tmp_path / "bf16"
     summary = main(train_args(digits_shards, run, "--max-steps", "2", "--precision", "bf16", "--lock-text",
-                              "--no-packed", batch=4))
+                              "--no-packed", "--val-data", str(digits_shards / "val"), "--eval-every", "2", batch=4))
     assert summary["precision"] == "bf16" and math.isfinite(summary["final_loss"])
+    val = [r for r in _rows(run) if "val_loss" in r]
+    assert len(val) == 1 and val[0]["step"] == 2 and math.isfinite(val[0]["val_loss"])
     from msclip_fast.plot import main as plot_main
 
     png = plot_main([str(run)])

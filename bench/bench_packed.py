@@ -1,0 +1,234 @@
+"""Packed vs per-tower training step time (DESIGN §3, issue 3 "Benchmarks").
+
+For each preset, two models with identical weights run the same synthetic batches: one with
+``packed=True`` (image and text tokens through each shared block in one call) and one with
+``packed=False`` (the towers one after the other). One step = forward + ClipLoss + backward +
+AdamW step, fp32, every op pinned to the plain-PyTorch ``reference`` backend
+(MSCLIP_FAST_BACKEND=reference), on the CPU. Timed steps of the two modes alternate
+(packed, per-tower, packed, ...) in one process so that load from other processes hits both
+alike; the ratio is per-tower median / packed median (> 1: packed is faster).
+
+Usage::
+
+    python bench/bench_packed.py                                  # writes bench/RESULTS.md
+    python bench/bench_packed.py --presets msclip-tiny --batch-size 4 --repeats 1 --no-write
+
+The section sits between ``<!-- bench_packed:begin/end -->`` markers in RESULTS.md and is
+replaced in place, leaving other benchmarks' sections alone.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "bench" / "RESULTS.md"
+BEGIN, END = "<!-- bench_packed:begin -->", "<!-- bench_packed:end -->"
+SOT, EOT = 49406, 49407
+DEFAULT_PRESETS = ("msclip-s-tiny", "msclip-tiny")
+
+
+@dataclass
+class Row:
+    preset: str
+    batch: int
+    tokens_packed: int       # T = B·L_img + B·L_txt
+    packed_ms: float          # median step time
+    packed_iqr_ms: float
+    per_tower_ms: float
+    per_tower_iqr_ms: float
+    repeats: int
+    ratio: float              # per_tower / packed
+    loss_diff: float          # |loss_packed - loss_per_tower| of the first step (same function)
+
+
+def synthetic_batch(batch: int, image_size: int, context_length: int, seed: int = 0):
+    """Random pixels; token rows ``SOT, random ids, EOT, zeros`` of varied lengths."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, image_size, image_size, generator=g)
+    tokens = torch.zeros(batch, context_length, dtype=torch.int64)
+    lengths = torch.randint(3, context_length - 1, (batch,), generator=g)
+    for i, n in enumerate(lengths.tolist()):
+        tokens[i, 0] = SOT
+        tokens[i, 1:n] = torch.randint(1, SOT, (n - 1,), generator=g)
+        tokens[i, n] = EOT
+    return images, tokens
+
+
+def _make_step(model, images, tokens):
+    import msclip_fast as mf
+
+    loss_fn = mf.ClipLoss()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.2)
+
+    def step() -> tuple[float, float]:
+        t = time.perf_counter()
+        img, txt, scale = model(images, tokens)
+        loss = loss_fn(img, txt, scale)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t, float(loss)
+
+    return step
+
+
+def _iqr(xs: list[float]) -> float:
+    if len(xs) < 2:
+        return 0.0
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[2] - q[0]
+
+
+def bench_preset(name: str, batch: int, warmup: int, repeats: int) -> Row:
+    from msclip_fast.models import create_model
+
+    torch.manual_seed(0)
+    packed = create_model(name, packed=True)
+    per_tower = create_model(name, packed=False)
+    per_tower.load_state_dict(packed.state_dict())
+    images, tokens = synthetic_batch(batch, packed.image_size, packed.context_length)
+    steps = {"packed": _make_step(packed, images, tokens), "per_tower": _make_step(per_tower, images, tokens)}
+    first = {k: s()[1] for k, s in steps.items()}  # the first step: same weights, so same loss
+    for _ in range(max(warmup - 1, 0)):
+        for s in steps.values():
+            s()
+    times = {k: [] for k in steps}
+    for _ in range(repeats):
+        for k, s in steps.items():
+            times[k].append(s()[0] * 1e3)
+    L_img = packed.config.grid_size**2 + 1
+    pm, tm = statistics.median(times["packed"]), statistics.median(times["per_tower"])
+    return Row(name, batch, batch * (L_img + packed.context_length), pm, _iqr(times["packed"]), tm,
+               _iqr(times["per_tower"]), repeats, tm / pm, abs(first["packed"] - first["per_tower"]))
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (f"{cpu}, {cores} usable cores ({os.cpu_count()} logical), torch threads {torch.get_num_threads()}; "
+            f"no GPU used; Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def git_commit() -> str:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=20)
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        if head.returncode != 0:
+            return "none (repository has no commits yet)"
+        dirty = git("status", "--porcelain").stdout.strip()
+        return head.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (git unavailable)"
+
+
+def to_markdown(rows: list[Row], command: str, total_s: float) -> str:
+    lines = [
+        BEGIN,
+        "## Packed vs per-tower",
+        "",
+        "Training step (forward + ClipLoss + backward + AdamW step, fp32) of the same model with",
+        "`packed=True` (image and text tokens through each shared block in one call: one GEMM per",
+        "shared weight, one varlen attention call, one modality-indexed LayerNorm call) and",
+        "`packed=False` (towers one after the other). Every op pinned to the `reference` backend",
+        "(the varlen reference attention runs each run of equal-length sequences as one batched",
+        "call). Timed steps of the two modes alternate in one process; medians and IQR over the",
+        "timed steps; ratio = per-tower / packed (> 1: packed faster). A shared, loaded 2-core",
+        "machine: treat differences within the IQR as noise.",
+        "",
+        f"- Machine: {machine()}",
+        f"- Command: `{command}`",
+        f"- Date: {_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
+        f"- Commit: {git_commit()}",
+        f"- Total benchmark time: {total_s:.0f} s",
+        "",
+        "| preset | batch | packed rows T | packed step (ms) | IQR | per-tower step (ms) | IQR | timed steps "
+        "| ratio per-tower/packed | first-step loss diff |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r.preset} | {r.batch} | {r.tokens_packed} | {r.packed_ms:.1f} | {r.packed_iqr_ms:.1f} | "
+        f"{r.per_tower_ms:.1f} | {r.per_tower_iqr_ms:.1f} | {r.repeats} | {r.ratio:.2f} | {r.loss_diff:.1e} |"
+        for r in rows
+    ]
+    lines += ["", END]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(path: Path, section: str) -> None:
+    """Replace this benchmark's marked section in ``path`` (or append it), atomically."""
+    old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n\n"
+    if BEGIN in old and END in old:
+        pre, rest = old.split(BEGIN, 1)
+        post = rest.split(END, 1)[1].lstrip("\n")
+        new = pre + section + ("\n" + post if post else "")
+    else:
+        new = old.rstrip("\n") + "\n\n" + section
+    tmp = path.with_suffix(path.suffix + ".packed.tmp")
+    tmp.write_text(new, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", default=",".join(DEFAULT_PRESETS), help="comma-separated preset names")
+    p.add_argument("--batch-size", type=int, default=64, help="images = texts per step (default: 64)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per mode (default: 2)")
+    p.add_argument("--repeats", type=int, default=7, help="timed steps per mode (default: 7)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown file (default: bench/RESULTS.md)")
+    p.add_argument("--no-write", action="store_true", help="print the section, do not write --out")
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    """Run the benchmark; returns one Row per preset. Restores MSCLIP_FAST_BACKEND."""
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0:
+        raise ValueError(f"--batch-size/--repeats must be >= 1 and --warmup >= 0, got "
+                         f"{args.batch_size}/{args.repeats}/{args.warmup}")
+    saved = os.environ.get("MSCLIP_FAST_BACKEND")
+    os.environ["MSCLIP_FAST_BACKEND"] = "reference"
+    try:
+        t0 = time.time()
+        rows = []
+        for name in [n.strip() for n in args.presets.split(",") if n.strip()]:
+            rows.append(bench_preset(name, args.batch_size, args.warmup, args.repeats))
+            r = rows[-1]
+            print(f"{name}: packed {r.packed_ms:.1f} ms, per-tower {r.per_tower_ms:.1f} ms, "
+                  f"ratio {r.ratio:.2f}", file=sys.stderr)
+        argv_str = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+        section = to_markdown(rows, f"python bench/bench_packed.py {argv_str}".strip(), time.time() - t0)
+    finally:
+        if saved is None:
+            os.environ.pop("MSCLIP_FAST_BACKEND", None)
+        else:
+            os.environ["MSCLIP_FAST_BACKEND"] = saved
+    print(section)
+    if not args.no_write:
+        write_results(args.out, section)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
