@@ -29,3 +29,18 @@ def test_backend_status_lists_every_op():
     st = ops.backend_status()
     assert set(st) == {"attention", "modality_layer_norm", "bias_act", "ffn", "contrastive_loss"}
     assert st["attention"]["reference"] == []
+
+
+def test_register_before_and_auto_skip():
+    from msclip_fast.ops.registry import Backend, Op
+
+    op = Op("toy")
+    op.register(Backend("reference", lambda x: "ref"))
+    op.register(Backend("triton", lambda x: "fast", auto_skip=lambda x: [] if x == "gpu" else ["cpu input"]),
+                before="reference")
+    assert list(op.backends) == ["triton", "reference"]
+    assert op("gpu") == "fast"  # auto prefers it when it does not skip
+    assert op("cpu") == "ref"  # auto passes over it...
+    assert op("cpu", backend="triton") == "fast"  # ...but it still runs when named
+    with pytest.raises(ValueError, match="before"):
+        op.register(Backend("cuda", lambda x: 0), before="nope")
