@@ -5,7 +5,8 @@ returns the reasons a backend cannot run those inputs (empty list: it can).  ``"
 walks the op's preference order and takes the first backend with no reasons, logging once
 per (op, backend) when it falls back past a preferred one; an explicit backend that cannot
 run raises :class:`ValueError` naming every reason.  The environment variable
-``MSCLIP_FAST_BACKEND`` overrides ``"auto"`` for all ops (xformers-style explicit status).
+``MSCLIP_FAST_BACKEND`` overrides ``"auto"`` for every op that has that backend (xformers-style
+explicit status); ops without it keep ``"auto"``.
 """
 from __future__ import annotations
 
@@ -72,7 +73,12 @@ class Op:
                 inputs (the message lists every reason).
         """
         if backend == "auto":
-            backend = os.environ.get("MSCLIP_FAST_BACKEND", "auto") or "auto"
+            env = os.environ.get("MSCLIP_FAST_BACKEND", "auto") or "auto"
+            if env != "auto" and env not in BACKEND_NAMES:
+                raise ValueError(f"MSCLIP_FAST_BACKEND={env!r} is not one of {('auto', *BACKEND_NAMES)}")
+            # an op without that backend keeps "auto" (e.g. =triton leaves the loss alone)
+            if env in self.backends:
+                backend = env
         if backend != "auto":
             if backend not in self.backends:
                 raise ValueError(

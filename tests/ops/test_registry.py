@@ -44,3 +44,12 @@ def test_register_before_and_auto_skip():
     assert op("cpu", backend="triton") == "fast"  # ...but it still runs when named
     with pytest.raises(ValueError, match="before"):
         op.register(Backend("cuda", lambda x: 0), before="nope")
+
+
+def test_env_override_skips_ops_without_that_backend(monkeypatch):
+    x = torch.randn(4, 8)
+    monkeypatch.setenv("MSCLIP_FAST_BACKEND", "sdpa")  # only attention has "sdpa"
+    assert ops.bias_act.op.select("auto", x, None).name == "reference"
+    monkeypatch.setenv("MSCLIP_FAST_BACKEND", "nope")
+    with pytest.raises(ValueError, match="MSCLIP_FAST_BACKEND"):
+        ops.bias_act(x, None)
