@@ -1,9 +1,8 @@
 """Feed-forward modules: CLIP's MLP (``c_fc`` -> act -> ``c_proj``) with the bias+activation
-fused through :func:`msclip_fast.ops.bias_act`, and the optional per-modality parallel FFN."""
+fused through :func:`msclip_fast.ops.ffn`, and the optional per-modality parallel FFN."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
@@ -33,8 +32,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., D) -> (..., D)``."""
-        h = ops.bias_act(F.linear(x, self.c_fc.weight), self.c_fc.bias, act=self.act)
-        return self.c_proj(h)
+        return ops.ffn(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias, act=self.act)
 
 
 class ModalityParallelFFN(nn.Module):
@@ -61,8 +59,7 @@ class ModalityParallelFFN(nn.Module):
         nn.init.normal_(self.down_weight, std=width**-0.5)
 
     def _one(self, x: torch.Tensor, m: int) -> torch.Tensor:
-        h = ops.bias_act(F.linear(x, self.down_weight[m]), self.down_bias[m], act=self.act)
-        return F.linear(h, self.up_weight[m], self.up_bias[m])
+        return ops.ffn(x, self.down_weight[m], self.down_bias[m], self.up_weight[m], self.up_bias[m], act=self.act)
 
     def forward_grouped(self, x: torch.Tensor, group_sizes) -> torch.Tensor:
         """Apply modality ``m``'s FFN to the ``m``-th contiguous row segment of ``x``.
