@@ -14,6 +14,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,8 @@ def main(argv=None) -> dict:
         ValueError: bad flags or inputs. NonFiniteLossError: the loss became NaN/inf.
     """
     args = parse_args(argv)
+    # torch's own all_gather on gloo calls its deprecated all_gather_into_tensor once per step
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor. is deprecated")
     distributed = use_deepspeed(args)
     if distributed:
         import deepspeed
