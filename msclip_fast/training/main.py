@@ -293,6 +293,8 @@ def _train(args, rank: int, world_size: int, local_rank: int, distributed: bool)
                 break  # stop_at reached inside the epoch: keep the epoch/batch position
             epoch += 1
             batch_idx = 0
+        if steps_per_epoch is not None and step >= total_steps:
+            epoch, batch_idx = args.epochs, 0  # the schedule's last step closes the last epoch
         # position after the loop: mid-epoch (stopped by --max-steps) or the start of `epoch`
         final_batch = batch_idx if (step >= stop_at and epoch < args.epochs) else 0
         if saved_at != step:

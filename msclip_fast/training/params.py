@@ -29,8 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-data", required=False, default=None, help="training shards: dir, brace, glob or '::'-joined")
     g.add_argument("--val-data", default=None, help="validation shards (used by --eval-every)")
     g.add_argument("--image-size", type=int, default=None, help="override the preset's image size (px)")
-    g.add_argument("--packed", dest="packed", action="store_true", default=None, help="force the packed shared path")
+    g.add_argument("--packed", dest="packed", action="store_true",
+                   help="run both modalities through each shared block in one call (DESIGN §3); "
+                        "default: the preset's `packed`, true where attention and FFN are shared")
     g.add_argument("--no-packed", dest="packed", action="store_false", help="force the per-tower path")
+    g.set_defaults(packed=None)
     g.add_argument("--workers", type=int, default=0, help="data loader worker processes per rank")
     g.add_argument("--data-backend", default="torch", choices=("torch", "dali"), help="data loader backend")
 

@@ -38,11 +38,17 @@ def test_resume_gives_identical_losses(digits_shards, tmp_path, train_args):
     main(train_args(digits_shards, part, "--max-steps", "6", "--resume", str(part), *extra, batch=4))
     a, b = _rows(full), _rows(part)
     assert [r["step"] for r in b] == list(range(1, 7))
-    assert [r["loss"] for r in a] == [r["loss"] for r in b]  # bit-identical in fp32
+    # Equal up to fp32 rounding: two identical uninterrupted runs already differ in the last
+    # bit here (the CPU BLAS is not bitwise reproducible across calls), so a bit-exact check
+    # would test the BLAS, not the resume; a wrong data position or RNG state moves the loss
+    # by far more than 1e-5.
+    torch.testing.assert_close([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-5, atol=0)
     assert [r["lr_share"] for r in a] == [r["lr_share"] for r in b]
     sa = torch.load(full / "checkpoints" / "step_00000006" / "model.pt")
     sb = torch.load(part / "checkpoints" / "step_00000006" / "model.pt")
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], rtol=1e-4, atol=1e-6, msg=k)
     meta = json.loads((part / "checkpoints" / "step_00000003" / "meta.json").read_text())
     assert (meta["step"], meta["epoch"], meta["batch"]) == (3, 0, 6)
 
