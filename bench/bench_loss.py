@@ -2,6 +2,8 @@
 
 Compares, in one run and on the same inputs (N x D fp32, L2-normalized, scale 100):
   fused      msclip_fast.ops.contrastive_loss(backend="cpu" or "cuda"): the _C extension
+  triton     msclip_fast.ops.contrastive_loss(backend="triton"): kernels/contrastive.py (CUDA only;
+             dropped with --device cpu, where it would run in the interpreter)
   reference  msclip_fast.ops.contrastive_loss_ref (materializes the N x N logits)
   open_clip  open_clip.loss.ClipLoss (when installed)
 Each (implementation, N) runs in a fresh subprocess so its peak memory is its own: peak RSS over
@@ -41,6 +43,8 @@ def status(key):
 
 if impl == 'fused':
     fn = lambda a, b, s: ops.contrastive_loss(a, b, s, backend='cuda' if device == 'cuda' else 'cpu')
+elif impl == 'triton':
+    fn = lambda a, b, s: ops.contrastive_loss(a, b, s, backend='triton')
 elif impl == 'reference':
     fn = ops.contrastive_loss_ref
 else:
@@ -140,7 +144,7 @@ def main(argv=None):
     p.add_argument("--sizes", default="4096,8192,16384,32768,65536")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--impls", default="fused,reference,open_clip")
+    p.add_argument("--impls", default="fused,triton,reference,open_clip")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--max-mem-gib", type=float, default=None, help="skip naive sizes above this (default 80%% of MemAvailable)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per (implementation, N)")
@@ -148,6 +152,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     impls = args.impls.split(",")
+    if args.device != "cuda" and "triton" in impls:
+        impls.remove("triton")  # the CPU would run it in the Triton interpreter: not a benchmark
     if "open_clip" in impls:
         try:
             import open_clip.loss  # noqa: F401
@@ -158,7 +164,7 @@ def main(argv=None):
     for n in sizes:
         res = {}
         for impl in impls:
-            if impl != "fused" and naive_bytes(n) > limit * 2**30:
+            if impl not in ("fused", "triton") and naive_bytes(n) > limit * 2**30:
                 res[impl] = {"skipped": f"needs ~{naive_bytes(n) / 2**30:.0f} GiB > {limit:.0f} GiB"}
             else:
                 res[impl] = run_one(impl, n, args.dim, args.device, args.repeats, args.timeout)
@@ -178,12 +184,20 @@ def main(argv=None):
              " (includes the N x D gradients: 2 x N x D x 4 bytes)", "",
              "| N | fused s | fused MiB | reference s | reference MiB | open_clip s | open_clip MiB | ref/fused time | open_clip/fused time |",
              "|---|---|---|---|---|---|---|---|---|"]
+    has_triton = "triton" in impls
+    if has_triton:  # extra columns only where the Triton backend was measured (CUDA)
+        lines[-2] = lines[-2][:-1] + " triton s | triton MiB | open_clip/triton time |"
+        lines[-1] = lines[-1] + "---|---|---|"
     for n, res in rows:
         f, r, o = res.get("fused", {}), res.get("reference", {}), res.get("open_clip", {})
-        ratio = lambda x: f"{x['time_s'] / f['time_s']:.2f}x" if "time_s" in x and "time_s" in f else "-"  # noqa: E731
-        lines.append(f"| {n} | {cell(f, 'time_s', '{:.2f}')} | {cell(f, 'peak_mib', '{:.0f}')} | "
-                     f"{cell(r, 'time_s', '{:.2f}')} | {cell(r, 'peak_mib', '{:.0f}')} | "
-                     f"{cell(o, 'time_s', '{:.2f}')} | {cell(o, 'peak_mib', '{:.0f}')} | {ratio(r)} | {ratio(o)} |")
+        ratio = lambda x, y=f: f"{x['time_s'] / y['time_s']:.2f}x" if "time_s" in x and "time_s" in y else "-"  # noqa: E731
+        line = (f"| {n} | {cell(f, 'time_s', '{:.2f}')} | {cell(f, 'peak_mib', '{:.0f}')} | "
+                f"{cell(r, 'time_s', '{:.2f}')} | {cell(r, 'peak_mib', '{:.0f}')} | "
+                f"{cell(o, 'time_s', '{:.2f}')} | {cell(o, 'peak_mib', '{:.0f}')} | {ratio(r)} | {ratio(o)} |")
+        if has_triton:
+            t = res.get("triton", {})
+            line += f" {cell(t, 'time_s', '{:.2f}')} | {cell(t, 'peak_mib', '{:.0f}')} | {ratio(o, t)} |"
+        lines.append(line)
     skips = [f"{n} {k}: {v['skipped']}" for n, res in rows for k, v in res.items() if "skipped" in v]
     if skips:
         lines += ["", "Skipped: " + "; ".join(skips) + "."]

@@ -23,6 +23,20 @@ class ClipLoss(nn.Module):
         cache_labels: keep the label vector between calls (same N and device).
         rank, world_size: this process's data-parallel position.
         use_horovod: not supported (ValueError when world_size > 1).
+        fused_distributed: memory-lean mode for world_size > 1 (not in open_clip): each rank
+            gathers the features of all ranks and computes, in ``fused_tile`` x ``fused_tile``
+            blocks, the terms of the global loss that belong to its own pairs (its image rows
+            against all N texts and its text rows against all N images), through
+            :func:`msclip_fast.ops.contrastive_loss_share`. Memory O(tile² + N x D): neither the
+            N x N nor this rank's N_r x N logits exist. The returned value is
+            ``world_size x (this rank's share)``: the mean over ranks is exactly the full-batch
+            loss (for equal rows per rank it is also open_clip's ``local_loss`` value). With
+            ``gather_with_grad`` the gradients follow the convention of
+            :mod:`msclip_fast.losses.distributed` (per-rank feature gradient = world_size x the
+            full-batch one; DDP/DeepSpeed averaging gives the single-process parameter gradient),
+            exact for unequal rows per rank too. Without it, only the local features get
+            gradients. ``local_loss`` is ignored; ``logit_bias`` is not supported (ValueError).
+        fused_tile: rows/columns per block of ``fused_distributed`` (>= 1).
 
     Forward:
         image_features ``(N, E)``, text_features ``(N, E)`` (normally L2-normalized, any float
@@ -32,7 +46,10 @@ class ClipLoss(nn.Module):
         ``{"contrastive_loss": loss}`` when ``output_dict``.
 
     world_size == 1, or a full gather without ``local_loss`` and without bias, uses the fused
-    op ``ops.contrastive_loss`` on the (gathered) features; other cases use the reference math.
+    op ``ops.contrastive_loss`` on the (gathered) features (every rank then computes the whole
+    N x N loss in O(N) memory); ``fused_distributed`` uses ``ops.contrastive_loss_share`` (each
+    rank only its own pairs' terms, tiled); other cases use the reference math (materialized
+    ``N_r x N`` or ``N x N`` logits).
     """
 
     def __init__(
@@ -43,10 +60,16 @@ class ClipLoss(nn.Module):
         rank: int = 0,
         world_size: int = 1,
         use_horovod: bool = False,
+        fused_distributed: bool = False,
+        fused_tile: int = ops.contrastive_share.DEFAULT_TILE,
     ):
         super().__init__()
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if int(fused_tile) < 1:
+            raise ValueError(f"fused_tile must be >= 1, got {fused_tile}")
+        self.fused_distributed = fused_distributed
+        self.fused_tile = int(fused_tile)
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.cache_labels = cache_labels
@@ -104,6 +127,8 @@ class ClipLoss(nn.Module):
                 f"image_features and text_features need one row count, got "
                 f"{image_features.shape[0]} and {text_features.shape[0]}"
             )
+        if self.fused_distributed and self.world_size > 1:
+            return self._fused_distributed(image_features, text_features, logit_scale, logit_bias, output_dict)
         if logit_bias is None and (self.world_size == 1 or not self.local_loss):
             img, txt = image_features, text_features
             if self.world_size > 1:
@@ -119,4 +144,24 @@ class ClipLoss(nn.Module):
                 offset = sum(_sizes(image_features)[: self.rank])
             labels = self.get_ground_truth(per_image.device, per_image.shape[0], offset)
             loss = (F.cross_entropy(per_image.to(acc), labels) + F.cross_entropy(per_text.to(acc), labels)) / 2
+        return {"contrastive_loss": loss} if output_dict else loss
+
+    def _fused_distributed(self, image_features, text_features, logit_scale, logit_bias, output_dict):
+        """``fused_distributed`` forward: world_size x this rank's tiled share of the global loss."""
+        if logit_bias is not None:
+            raise ValueError("logit_bias is not supported with fused_distributed=True")
+        all_img, all_txt = gather_features(
+            image_features,
+            text_features,
+            local_loss=True,  # gathered copies as they are (no own-slice substitution)
+            gather_with_grad=self.gather_with_grad,
+            rank=self.rank,
+            world_size=self.world_size,
+            use_horovod=self.use_horovod,
+        )
+        if not isinstance(logit_scale, torch.Tensor):
+            logit_scale = torch.tensor(float(logit_scale), device=image_features.device)
+        share = ops.contrastive_loss_share(image_features, text_features, all_img, all_txt, logit_scale,
+                                           tile=self.fused_tile)
+        loss = share * self.world_size
         return {"contrastive_loss": loss} if output_dict else loss

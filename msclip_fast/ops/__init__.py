@@ -6,6 +6,7 @@ CUDA or the compiled extension through its ``"reference"`` backend.
 from .attention import attention, attention_ref
 from .bias_act import ACTIVATIONS, bias_act, bias_act_ref, ffn, ffn_ref
 from .contrastive import contrastive_loss, contrastive_loss_ref
+from .contrastive_share import contrastive_loss_share
 from .layer_norm import modality_layer_norm, modality_layer_norm_ref
 
 OPS = {f.op.name: f.op for f in (attention, modality_layer_norm, bias_act, ffn, contrastive_loss)}
@@ -26,6 +27,7 @@ __all__ = [
     "bias_act_ref",
     "contrastive_loss",
     "contrastive_loss_ref",
+    "contrastive_loss_share",
     "ffn",
     "ffn_ref",
     "modality_layer_norm",

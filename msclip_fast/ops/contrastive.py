@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from . import contrastive_fused as _fused
+from . import contrastive_triton as _triton
+from ._triton import triton_available
 from .registry import Backend, Op
 
 
@@ -29,9 +31,12 @@ def contrastive_loss_ref(img, txt, scale):
 
 
 _OP = Op("contrastive_loss")
-# registration order is the "auto" preference: cuda > cpu > reference
+# registration order is the "auto" preference: cuda > triton > cpu > reference; "auto" never
+# picks triton for CPU tensors (interpreter: tests name it explicitly)
 _OP.register(Backend("cuda", _fused.contrastive_loss_fused, supports=_fused.cuda_supports,
                      available=_fused.cuda_available))
+_OP.register(Backend("triton", _triton.contrastive_loss_triton, supports=_triton.supports,
+                     available=triton_available, auto_skip=_triton.auto_skip))
 _OP.register(Backend("cpu", _fused.contrastive_loss_fused, supports=_fused.cpu_supports,
                      available=_fused.cpu_available))
 _OP.register(Backend("reference", contrastive_loss_ref))
@@ -47,10 +52,13 @@ def contrastive_loss(img, txt, scale, backend: str = "auto"):
         img: ``(N, D)`` image features (normally L2-normalized), float32/16/bf16/64.
         txt: ``(N, D)`` text features, row i paired with ``img[i]``.
         scale: 0-d tensor ``exp(logit_scale)``; receives a gradient.
-        backend: "auto", "cuda" (extension built with CUDA, CUDA tensors), "cpu" (extension,
-            CPU tensors; both fused: O(N) memory, float32/16/bf16 inputs, fp32 accumulation) or
+        backend: "auto", "cuda" (extension built with CUDA, CUDA tensors), "triton"
+            (``kernels/contrastive.py``: CUDA tensors, or CPU tensors under
+            ``TRITON_INTERPRET=1`` for tests), "cpu" (extension, CPU tensors; these three are
+            fused: O(N) memory, float32/16/bf16 inputs, fp32 accumulation, deterministic) or
             "reference" (materializes the N x N logits; any float dtype). "auto" takes the first
-            of cuda, cpu, reference that can run the inputs.
+            of cuda, triton, cpu, reference that can run the inputs, and never picks triton for
+            CPU tensors.
     Returns:
         0-d float32 (float64 for float64 inputs) tensor: the mean of both directions.
     Raises:

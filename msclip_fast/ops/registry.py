@@ -76,7 +76,7 @@ class Op:
             env = os.environ.get("MSCLIP_FAST_BACKEND", "auto") or "auto"
             if env != "auto" and env not in BACKEND_NAMES:
                 raise ValueError(f"MSCLIP_FAST_BACKEND={env!r} is not one of {('auto', *BACKEND_NAMES)}")
-            # an op without that backend keeps "auto" (e.g. =triton leaves the loss alone)
+            # an op without that backend keeps "auto" (e.g. =sdpa leaves the loss alone)
             if env in self.backends:
                 backend = env
         if backend != "auto":
