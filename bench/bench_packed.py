@@ -19,12 +19,8 @@ replaced in place, leaving other benchmarks' sections alone.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import os
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -32,10 +28,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = ROOT / "bench" / "RESULTS.md"
-BEGIN, END = "<!-- bench_packed:begin -->", "<!-- bench_packed:end -->"
-SOT, EOT = 49406, 49407
+if str(Path(__file__).resolve().parent) not in sys.path:  # find bench/_common.py also when loaded by path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+from _common import DEFAULT_OUT, synthetic_batch  # noqa: E402
+
+NAME = "bench_packed"
+BEGIN, END = _common.markers(NAME)
 DEFAULT_PRESETS = ("msclip-s-tiny", "msclip-tiny")
 
 
@@ -53,33 +52,14 @@ class Row:
     loss_diff: float          # |loss_packed - loss_per_tower| of the first step (same function)
 
 
-def synthetic_batch(batch: int, image_size: int, context_length: int, seed: int = 0):
-    """Random pixels; token rows ``SOT, random ids, EOT, zeros`` of varied lengths."""
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, 3, image_size, image_size, generator=g)
-    tokens = torch.zeros(batch, context_length, dtype=torch.int64)
-    lengths = torch.randint(3, context_length - 1, (batch,), generator=g)
-    for i, n in enumerate(lengths.tolist()):
-        tokens[i, 0] = SOT
-        tokens[i, 1:n] = torch.randint(1, SOT, (n - 1,), generator=g)
-        tokens[i, n] = EOT
-    return images, tokens
-
-
 def _make_step(model, images, tokens):
-    import msclip_fast as mf
-
-    loss_fn = mf.ClipLoss()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.2)
+    """Closure running one train step; returns (wall seconds, loss)."""
+    train_step = _common.make_train_step(model, images, tokens, lr=1e-4, weight_decay=0.2)
 
     def step() -> tuple[float, float]:
         t = time.perf_counter()
-        img, txt, scale = model(images, tokens)
-        loss = loss_fn(img, txt, scale)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t, float(loss)
+        loss = train_step()
+        return time.perf_counter() - t, loss
 
     return step
 
@@ -114,34 +94,6 @@ def bench_preset(name: str, batch: int, warmup: int, repeats: int) -> Row:
                _iqr(times["per_tower"]), repeats, tm / pm, abs(first["packed"] - first["per_tower"]))
 
 
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{cpu}, {cores} usable cores ({os.cpu_count()} logical), torch threads {torch.get_num_threads()}; "
-            f"no GPU used; Python {platform.python_version()}, torch {torch.__version__}")
-
-
-def git_commit() -> str:
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=20)
-
-    try:
-        head = git("rev-parse", "--short", "HEAD")
-        if head.returncode != 0:
-            return "none (repository has no commits yet)"
-        dirty = git("status", "--porcelain").stdout.strip()
-        return head.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (git unavailable)"
-
-
 def to_markdown(rows: list[Row], command: str, total_s: float) -> str:
     lines = [
         BEGIN,
@@ -156,10 +108,7 @@ def to_markdown(rows: list[Row], command: str, total_s: float) -> str:
         "timed steps; ratio = per-tower / packed (> 1: packed faster). A shared, loaded 2-core",
         "machine: treat differences within the IQR as noise.",
         "",
-        f"- Machine: {machine()}",
-        f"- Command: `{command}`",
-        f"- Date: {_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
-        f"- Commit: {git_commit()}",
+        *_common.run_info_lines(command, report_gpu=False),
         f"- Total benchmark time: {total_s:.0f} s",
         "",
         "| preset | batch | packed rows T | packed step (ms) | IQR | per-tower step (ms) | IQR | timed steps "
@@ -177,16 +126,7 @@ def to_markdown(rows: list[Row], command: str, total_s: float) -> str:
 
 def write_results(path: Path, section: str) -> None:
     """Replace this benchmark's marked section in ``path`` (or append it), atomically."""
-    old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n\n"
-    if BEGIN in old and END in old:
-        pre, rest = old.split(BEGIN, 1)
-        post = rest.split(END, 1)[1].lstrip("\n")
-        new = pre + section + ("\n" + post if post else "")
-    else:
-        new = old.rstrip("\n") + "\n\n" + section
-    tmp = path.with_suffix(path.suffix + ".packed.tmp")
-    tmp.write_text(new, encoding="utf-8")
-    os.replace(tmp, path)
+    _common.replace_section(path, section, NAME)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,9 +147,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0:
         raise ValueError(f"--batch-size/--repeats must be >= 1 and --warmup >= 0, got "
                          f"{args.batch_size}/{args.repeats}/{args.warmup}")
-    saved = os.environ.get("MSCLIP_FAST_BACKEND")
-    os.environ["MSCLIP_FAST_BACKEND"] = "reference"
-    try:
+    with _common.reference_backend():
         t0 = time.time()
         rows = []
         for name in [n.strip() for n in args.presets.split(",") if n.strip()]:
@@ -219,11 +157,6 @@ def main(argv: list[str] | None = None) -> list[Row]:
                   f"ratio {r.ratio:.2f}", file=sys.stderr)
         argv_str = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
         section = to_markdown(rows, f"python bench/bench_packed.py {argv_str}".strip(), time.time() - t0)
-    finally:
-        if saved is None:
-            os.environ.pop("MSCLIP_FAST_BACKEND", None)
-        else:
-            os.environ["MSCLIP_FAST_BACKEND"] = saved
     print(section)
     if not args.no_write:
         write_results(args.out, section)

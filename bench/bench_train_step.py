@@ -21,11 +21,8 @@ markers and is replaced in place, leaving other benchmarks' sections alone.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
 import os
-import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -38,10 +35,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import msclip_fast as mf
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = ROOT / "bench" / "RESULTS.md"
-BEGIN, END = "<!-- bench_train_step:begin -->", "<!-- bench_train_step:end -->"
-SOT, EOT, VOCAB = 49406, 49407, 49408
+if str(Path(__file__).resolve().parent) not in sys.path:  # find bench/_common.py also when loaded by path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+from _common import DEFAULT_OUT, synthetic_batch  # noqa: E402
+
+NAME = "bench_train_step"
+BEGIN, END = _common.markers(NAME)
 
 
 @dataclass
@@ -105,44 +105,13 @@ def select_presets(spec: str) -> list[str]:
     return chosen
 
 
-def synthetic_batch(batch: int, image_size: int, context_length: int, seed: int = 0):
-    """Random normalized-looking pixels (B,3,S,S) float32 and tokens (B,L) int64 with SOT at 0,
-    EOT at a random position (the argmax pooling target) and zero padding after it."""
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, 3, image_size, image_size, generator=g)
-    tokens = torch.zeros(batch, context_length, dtype=torch.long)
-    lengths = torch.randint(3, context_length - 1, (batch,), generator=g)
-    for i, n in enumerate(lengths.tolist()):
-        tokens[i, 0] = SOT
-        tokens[i, 1:n] = torch.randint(1, SOT, (n - 1,), generator=g)
-        tokens[i, n] = EOT
-    return images, tokens
-
-
-def make_step(model, images, tokens):
-    """Closure running one full fp32 train step; returns the loss as a float."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.1)
-    loss_fn = mf.ClipLoss()
-    model.train()
-
-    def step() -> float:
-        img, txt, scale = model(images, tokens)
-        loss = loss_fn(img, txt, scale)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
-
-    return step
-
-
 def bench_preset(name: str, batch: int, warmup: int, repeats: int, min_run_time: float,
                  flops: bool, peak_tflops: float | None) -> Row:
     torch.manual_seed(0)
     model = mf.create_model(name)
     n_params = sum(p.numel() for p in model.parameters())
     images, tokens = synthetic_batch(batch, model.image_size, model.context_length)
-    step = make_step(model, images, tokens)
+    step = _common.make_train_step(model, images, tokens, lr=1e-5, weight_decay=0.1)
 
     flop_per_sample = None
     if flops:
@@ -197,35 +166,6 @@ def bench_preset(name: str, batch: int, warmup: int, repeats: int, min_run_time:
     return row
 
 
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU used"
-    return (f"{cpu}, {cores} usable cores ({os.cpu_count()} logical), torch threads "
-            f"{torch.get_num_threads()}; {gpu}; Python {platform.python_version()}, torch {torch.__version__}")
-
-
-def git_commit() -> str:
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=20)
-
-    try:
-        head = git("rev-parse", "--short", "HEAD")
-        if head.returncode != 0:
-            return "none (repository has no commits yet)"
-        dirty = git("status", "--porcelain").stdout.strip()
-        return head.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (git unavailable)"
-
-
 def _fmt(x, spec):
     return "–" if x is None else format(x, spec)
 
@@ -244,10 +184,7 @@ def to_markdown(rows: list[Row], skipped: list[str], command: str, total_s: floa
         "time / (wall time x torch threads) over the timed steps: well below 1 means other",
         "processes held the cores and the step times are inflated by contention, not by the code.",
         "",
-        f"- Machine: {machine()}",
-        f"- Command: `{command}`",
-        f"- Date: {_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
-        f"- Commit: {git_commit()}",
+        *_common.run_info_lines(command),
         f"- Total benchmark time: {total_s:.0f} s; load average (1/5/15 min) at the end: {load}",
         "",
         "| preset | params (M) | batch | image px | step median (ms) | IQR (ms) | timed steps "
@@ -273,16 +210,7 @@ def to_markdown(rows: list[Row], skipped: list[str], command: str, total_s: floa
 
 def write_results(path: Path, section: str) -> None:
     """Replace this benchmark's marked section in ``path`` (or append it), atomically."""
-    old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n\n"
-    if BEGIN in old and END in old:
-        pre, rest = old.split(BEGIN, 1)
-        post = rest.split(END, 1)[1].lstrip("\n")
-        new = pre + section + ("\n" + post if post else "")
-    else:
-        new = old.rstrip("\n") + "\n\n" + section
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(new, encoding="utf-8")
-    os.replace(tmp, path)
+    _common.replace_section(path, section, NAME)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -310,17 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> list[Row]:
     """Run the benchmark; returns one Row per measured preset."""
-    # Pin every op to the plain-PyTorch oracle (this is the baseline), restoring the caller's
-    # setting afterwards so an in-process caller (the smoke test) is not affected.
-    saved = os.environ.get("MSCLIP_FAST_BACKEND")
-    os.environ["MSCLIP_FAST_BACKEND"] = "reference"
-    try:
+    # Pin every op to the plain-PyTorch oracle: this is the baseline.
+    with _common.reference_backend():
         return _main(argv)
-    finally:
-        if saved is None:
-            os.environ.pop("MSCLIP_FAST_BACKEND", None)
-        else:
-            os.environ["MSCLIP_FAST_BACKEND"] = saved
 
 
 def _main(argv: list[str] | None) -> list[Row]:

@@ -7,7 +7,8 @@ steps:
 1. *validate + stage* (Python, PIL): the same deterministic stream as the torch backend (shard
    shuffle, shuffle buffer, ``i % world_size == rank``) is read; every sample this rank owns is
    checked (caption present and non-empty, image decodes within ``max_pixels``).  Bad ones are
-   counted in ``.skipped`` exactly as the torch backend counts them.  Good samples are written,
+   counted in ``.skipped`` exactly as the torch backend counts them (both backends use
+   :mod:`msclip_fast.data.samples` for the stream and the checks).  Good samples are written,
    in order, to a temporary tar for this rank; images with alpha or unusual modes are
    re-encoded as RGB PNG composited on white, others keep their original bytes.
 2. *DALI pipeline*: ``fn.readers.webdataset`` over the staged tar (no shuffling: the order is
@@ -24,19 +25,17 @@ import collections
 import io
 import json
 import logging
-import math
 import os
-import random
 import shutil
 import tempfile
 from typing import Any, Dict, Iterator
 
 import torch
 
-from .images import SkipSample, has_alpha, open_image, to_rgb_on_white
-from .loader import (
-    IMAGE_EXTS, TEXT_EXTS, LoaderConfig, _find_manifest_counts, _raw_stream, _seed_int, _shuffle_buffer,
-)
+from .images import SkipSample, has_alpha, to_rgb_on_white
+from .loader import LoaderConfig
+from .loader_base import ShardLoaderBase
+from .samples import _seed_int, check_sample, count_skip, owned_samples
 from .tokenizer import get_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -52,7 +51,7 @@ def dali_available() -> tuple[bool, str]:
     return True, ""
 
 
-class DaliLoader:
+class DaliLoader(ShardLoaderBase):
     """Same interface as :class:`msclip_fast.data.loader.WebDatasetLoader`."""
 
     def __init__(self, urls, cfg: LoaderConfig):
@@ -61,75 +60,32 @@ class DaliLoader:
             raise ValueError(f"backend='dali' is unavailable: {why}; use backend='torch'")
         if cfg.num_workers:
             logger.info("backend='dali' ignores num_workers=%d (DALI uses its own threads)", cfg.num_workers)
-        self.urls, self.cfg, self.epoch = list(urls), cfg, cfg.epoch
-        self._skipped: collections.Counter = collections.Counter()
-        self.num_samples = _find_manifest_counts(self.urls)
+        super().__init__(urls, cfg)
         self.tokenizer = get_tokenizer(cfg.context_length)
         self.device = "mixed" if torch.cuda.is_available() else "cpu"
-
-    @property
-    def skipped(self) -> Dict[str, int]:
-        return dict(self._skipped)
-
-    def set_epoch(self, epoch: int) -> None:
-        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
-            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        if self.num_samples is None:
-            raise TypeError("length unknown: no make_shards manifest.json lists these shards")
-        per_rank = len(range(self.cfg.rank, self.num_samples, self.cfg.world_size))
-        b = self.cfg.batch_size
-        return per_rank // b if self.cfg.drop_last else math.ceil(per_rank / b)
 
     # -- step 1: validate and stage this rank's samples
     def _stage(self, epoch: int, path: str) -> int:
         import webdataset as wds
 
         cfg = self.cfg
-        urls = list(self.urls)
         counter: collections.Counter = collections.Counter()
-        if cfg.train:
-            random.Random(_seed_int("shards", cfg.seed, epoch)).shuffle(urls)
-        stream: Iterator = _raw_stream(urls, counter)
-        if cfg.train:
-            stream = _shuffle_buffer(stream, cfg.shuffle_buffer, random.Random(_seed_int("buffer", cfg.seed, epoch)))
         n = 0
         with open(path, "wb") as f:
             w = wds.TarWriter(f, mtime=0.0)
-            for i, s in enumerate(stream):
-                if i % cfg.world_size != cfg.rank:
-                    continue
-                key = s.get("__key__", "")
+            for s in owned_samples(self.urls, cfg, epoch, counter):
                 try:
-                    ext = next((e for e in IMAGE_EXTS if e in s), None)
-                    if ext is None:
-                        raise SkipSample("missing_image")
-                    t_ext = next((e for e in TEXT_EXTS if e in s), None)
-                    if t_ext is None:
-                        raise SkipSample("missing_caption")
-                    cap = " ".join(s[t_ext].decode("utf-8", errors="replace").split())
-                    if not cap:
-                        raise SkipSample("empty_caption")
-                    im = open_image(s[ext], cfg.max_pixels)
-                    data = s[ext]
-                    if has_alpha(im) or im.mode not in ("RGB", "L") or ext not in ("jpg", "jpeg", "png"):
+                    c = check_sample(s, cfg.max_pixels)
+                    data = s[c.image_ext]
+                    if has_alpha(c.image) or c.image.mode not in ("RGB", "L") or c.image_ext not in ("jpg", "jpeg", "png"):
                         buf = io.BytesIO()
-                        to_rgb_on_white(im).save(buf, format="PNG")
+                        to_rgb_on_white(c.image).save(buf, format="PNG")
                         data = buf.getvalue()
                 except SkipSample as e:
-                    if counter[e.reason] == 0:
-                        logger.warning("skipping sample %s (%s)", key, e)
-                    counter[e.reason] += 1
+                    count_skip(counter, e, s)
                     continue
-                try:
-                    meta = json.loads(s["json"]) if "json" in s else {}
-                    meta = meta if isinstance(meta, dict) else {"value": meta}
-                except ValueError:
-                    meta = {}
-                w.write({"__key__": f"{n:09d}", "img": data, "txt": cap,
-                         "json": {"key": key, "meta": meta}})
+                w.write({"__key__": f"{n:09d}", "img": data, "txt": c.caption,
+                         "json": {"key": c.key, "meta": c.meta}})
                 n += 1
             w.close()
         self._skipped.update(counter)

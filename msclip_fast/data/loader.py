@@ -18,37 +18,21 @@ epochs): ``missing_image``, ``empty_image``, ``decode_error``, ``oversized``,
 from __future__ import annotations
 
 import collections
-import hashlib
-import io
-import json
 import logging
-import math
-import os
 import random
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 
-from .images import DEFAULT_MAX_PIXELS, SkipSample, open_image, to_rgb_on_white
+from .images import DEFAULT_MAX_PIXELS, SkipSample, to_rgb_on_white
+from .loader_base import ShardLoaderBase, num_batches
+from .samples import _seed_int, check_sample, count_skip, owned_samples
 from .tokenizer import get_tokenizer
 from .transforms import CLIP_MEAN, CLIP_STD, TransformConfig, eval_transform, train_transform
 from .urls import resolve_urls
 
 logger = logging.getLogger(__name__)
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
-TEXT_EXTS = ("txt", "text", "caption")
-SKIP_REASONS = (
-    "missing_image", "empty_image", "decode_error", "oversized",
-    "missing_caption", "empty_caption", "shard_error",
-)
-
-
-def _seed_int(*parts: Any) -> int:
-    """Stable 64-bit seed from parts (Python's hash() is salted per process; sha1 is not)."""
-    h = hashlib.sha1(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(h[:8], "little")
 
 
 @dataclass
@@ -93,39 +77,6 @@ class LoaderConfig:
         self.transform = TransformConfig(image_size=self.image_size, mean=tuple(self.mean), std=tuple(self.std))
 
 
-def _find_manifest_counts(urls: Sequence[str]) -> Optional[int]:
-    """Total samples of ``urls`` from make_shards manifests, or None when any is unknown.
-
-    make_shards writes ``OUT/manifest.json`` whose ``"shards"`` maps ``"train/000000.tar"`` to
-    its sample count; a shard's manifest is looked up in its directory and the parent.
-    """
-    cache: Dict[str, Optional[dict]] = {}
-    total = 0
-    for u in urls:
-        if "://" in u or u.startswith("pipe:"):
-            return None
-        p = os.path.abspath(u)
-        found = None
-        for root in (os.path.dirname(p), os.path.dirname(os.path.dirname(p))):
-            if root not in cache:
-                mp = os.path.join(root, "manifest.json")
-                try:
-                    with open(mp) as f:
-                        cache[root] = json.load(f).get("shards") or {}
-                except (OSError, ValueError):
-                    cache[root] = None
-            shards = cache[root]
-            if shards:
-                rel = os.path.relpath(p, root)
-                if rel in shards:
-                    found = int(shards[rel])
-                    break
-        if found is None:
-            return None
-        total += found
-    return total
-
-
 class _SampleDecoder:
     """Raw webdataset sample dict -> (image tensor, caption, key, meta) or SkipSample."""
 
@@ -133,65 +84,14 @@ class _SampleDecoder:
         self.cfg = cfg
 
     def __call__(self, sample: Dict[str, Any], epoch: int):
-        key = sample.get("__key__", "")
-        img_ext = next((e for e in IMAGE_EXTS if e in sample), None)
-        if img_ext is None:
-            raise SkipSample("missing_image", key)
-        txt_ext = next((e for e in TEXT_EXTS if e in sample), None)
-        if txt_ext is None:
-            raise SkipSample("missing_caption", key)
-        raw_txt = sample[txt_ext]
-        caption = raw_txt.decode("utf-8", errors="replace") if isinstance(raw_txt, bytes) else str(raw_txt)
-        caption = " ".join(caption.split())
-        if not caption:
-            raise SkipSample("empty_caption", key)
-        im = to_rgb_on_white(open_image(sample[img_ext], self.cfg.max_pixels))
+        c = check_sample(sample, self.cfg.max_pixels)
+        im = to_rgb_on_white(c.image)
         if self.cfg.train:
-            rng = random.Random(_seed_int(self.cfg.seed, epoch, key))
+            rng = random.Random(_seed_int(self.cfg.seed, epoch, c.key))
             x = train_transform(im, self.cfg.transform, rng)
         else:
             x = eval_transform(im, self.cfg.transform)
-        meta: Dict[str, Any] = {}
-        if "json" in sample:
-            try:
-                m = json.loads(sample["json"])
-                meta = m if isinstance(m, dict) else {"value": m}
-            except (ValueError, UnicodeDecodeError):
-                meta = {}
-        return x, caption, key, meta
-
-
-def _raw_stream(urls: Sequence[str], counter: collections.Counter) -> Iterator[Dict[str, Any]]:
-    """Raw sample dicts (bytes per extension + ``__key__``) from the shards, in order."""
-    import webdataset as wds
-
-    def handler(exn: Exception) -> bool:
-        counter["shard_error"] += 1
-        logger.warning("skipping unreadable shard data: %s: %s", type(exn).__name__, exn)
-        return True
-
-    ds = wds.WebDataset(
-        list(urls), shardshuffle=False, nodesplitter=None, workersplitter=None,
-        empty_check=False, handler=handler,
-    )
-    yield from ds
-
-
-def _shuffle_buffer(it: Iterator, size: int, rng: random.Random) -> Iterator:
-    """Deterministic reservoir shuffle: same input order + same rng -> same output order."""
-    if size <= 1:
-        yield from it
-        return
-    buf: List[Any] = []
-    for x in it:
-        if len(buf) < size:
-            buf.append(x)
-            continue
-        j = rng.randrange(size)
-        yield buf[j]
-        buf[j] = x
-    rng.shuffle(buf)
-    yield from buf
+        return x, c.caption, c.key, c.meta
 
 
 class _EpochStream:
@@ -218,23 +118,12 @@ class _EpochStream:
     def __iter__(self):
         cfg = self.cfg
         counter: collections.Counter = collections.Counter()
-        urls = list(self.urls)
-        if cfg.train:
-            random.Random(_seed_int("shards", cfg.seed, self.epoch)).shuffle(urls)
-        stream: Iterator = _raw_stream(urls, counter)
-        if cfg.train:
-            stream = _shuffle_buffer(stream, cfg.shuffle_buffer, random.Random(_seed_int("buffer", cfg.seed, self.epoch)))
-        ws, nw = cfg.world_size, self.num_workers
         items = []
-        for i, sample in enumerate(stream):
-            if i % ws != cfg.rank or (i // ws) % nw != self.worker:
-                continue
+        for sample in owned_samples(self.urls, cfg, self.epoch, counter, self.worker, self.num_workers):
             try:
                 items.append(self.decode(sample, self.epoch))
             except SkipSample as e:
-                if counter[e.reason] == 0:
-                    logger.warning("skipping sample %s (%s) in %s", sample.get("__key__"), e, sample.get("__url__"))
-                counter[e.reason] += 1
+                count_skip(counter, e, sample)
                 continue
             if len(items) == cfg.batch_size:
                 delta = dict(counter)
@@ -260,46 +149,19 @@ class _WorkerDataset(torch.utils.data.IterableDataset):
             yield {"batch": batch, "skipped": delta}
 
 
-class WebDatasetLoader:
+class WebDatasetLoader(ShardLoaderBase):
     """Iterable over batches ``{"image", "text", "key", "meta"}`` (see :func:`build_loader`).
 
-    Attributes:
-        skipped: ``dict`` reason -> count, cumulative over all epochs iterated so far.
-        num_samples: samples of all shards per the manifest, or None when unknown.
-        epoch: the epoch the next ``iter()`` runs (``set_epoch`` changes it).
+    Attributes: see :class:`~msclip_fast.data.loader_base.ShardLoaderBase`.
     """
-
-    def __init__(self, urls: Sequence[str], cfg: LoaderConfig):
-        self.urls = list(urls)
-        self.cfg = cfg
-        self.epoch = cfg.epoch
-        self._skipped: collections.Counter = collections.Counter()
-        self.num_samples = _find_manifest_counts(self.urls)
-
-    @property
-    def skipped(self) -> Dict[str, int]:
-        return dict(self._skipped)
-
-    def set_epoch(self, epoch: int) -> None:
-        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
-            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
-        self.epoch = epoch
 
     def __len__(self) -> int:
         """Batches per epoch on this rank: an upper bound from the manifest (skips lower it)."""
-        if self.num_samples is None:
-            raise TypeError("length unknown: no make_shards manifest.json lists these shards")
         cfg = self.cfg
-        per_rank = len(range(cfg.rank, self.num_samples, cfg.world_size))
+        per_rank = self._samples_per_rank()
         nw = max(1, cfg.num_workers)
-        if nw == 1:
-            return per_rank // cfg.batch_size if cfg.drop_last else math.ceil(per_rank / cfg.batch_size)
         # Workers batch separately: count each worker's share.
-        n = 0
-        for w in range(nw):
-            share = len(range(w, per_rank, nw))
-            n += share // cfg.batch_size if cfg.drop_last else math.ceil(share / cfg.batch_size)
-        return n
+        return sum(num_batches(len(range(w, per_rank, nw)), cfg.batch_size, cfg.drop_last) for w in range(nw))
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         epoch = self.epoch

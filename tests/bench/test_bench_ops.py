@@ -1,22 +1,9 @@
 """Smoke test of bench/bench_ops.py on the CPU: tiny shapes, every op, JSON written."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "bench_ops.py"
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_ops", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop(spec.name, None)
+BENCH_SCRIPT = "bench_ops"  # the `bench` fixture (conftest.py) loads bench/bench_ops.py
 
 
 def test_cpu_smoke_writes_json(bench, tmp_path):

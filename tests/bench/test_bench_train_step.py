@@ -1,22 +1,9 @@
 """Smoke test of bench/bench_train_step.py: one tiny preset, one timed step, nothing written."""
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "bench_train_step.py"
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_train_step", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop(spec.name, None)
+BENCH_SCRIPT = "bench_train_step"  # the `bench` fixture (conftest.py) loads bench/bench_train_step.py
 
 
 def test_one_tiny_preset_without_writing(bench, tmp_path, capsys):
@@ -34,14 +21,8 @@ def test_one_tiny_preset_without_writing(bench, tmp_path, capsys):
     assert "| clip-tiny |" in text and bench.BEGIN in text and bench.END in text
 
 
-def test_results_section_replaced_in_place(bench, tmp_path):
-    out = tmp_path / "RESULTS.md"
-    out.write_text("# Benchmark results\n\n## other bench\nkeep me\n")
-    bench.write_results(out, f"{bench.BEGIN}\nfirst\n{bench.END}\n")
-    bench.write_results(out, f"{bench.BEGIN}\nsecond\n{bench.END}\n")
-    text = out.read_text()
-    assert "keep me" in text and "second" in text and "first" not in text
-    assert text.count(bench.BEGIN) == 1
+def test_results_section_replaced_in_place(check_section_replaced):
+    check_section_replaced("# Benchmark results\n\n## other bench\nkeep me\n")
 
 
 def test_bad_arguments(bench):
