@@ -21,6 +21,8 @@ from .registry import Backend, Op, tensor_reasons
 def _check(q, k, v, cu_seqlens, causal):
     if q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must have one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not q.is_floating_point() or q.dtype != k.dtype or q.dtype != v.dtype:
+        raise ValueError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if cu_seqlens is None:
         if q.dim() != 4:
             raise ValueError(f"q must be (B, H, L, K) without cu_seqlens, got shape {tuple(q.shape)}")
@@ -35,6 +37,13 @@ def _check(q, k, v, cu_seqlens, causal):
             raise ValueError(
                 f"causal must have one flag per sequence ({cu_seqlens.numel() - 1}), got {causal.numel()}"
             )
+        if not cu_seqlens.is_cuda:  # checking CUDA boundaries would cost a host sync per call
+            b = cu_seqlens.tolist()
+            if b[0] != 0 or b[-1] != q.shape[0] or any(y < x for x, y in zip(b, b[1:])):
+                raise ValueError(
+                    f"cu_seqlens must rise from 0 to T={q.shape[0]} (non-decreasing), got {b[:8]}"
+                    + ("..." if len(b) > 8 else "")
+                )
 
 
 def _dense(q, k, v, causal: bool, scale: float):

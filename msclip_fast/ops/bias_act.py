@@ -15,6 +15,8 @@ def bias_act_ref(x, bias=None, act: str = "quick_gelu"):
     """Plain PyTorch reference for :func:`bias_act` (same arguments)."""
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating tensor, got dtype {x.dtype}")
     if bias is not None:
         if bias.shape != x.shape[-1:]:
             raise ValueError(f"bias must be ({x.shape[-1]},), got {tuple(bias.shape)}")

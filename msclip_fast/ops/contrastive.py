@@ -17,6 +17,11 @@ def _check(img, txt, scale):
         raise ValueError(f"img and txt must share D, got {img.shape[1]} and {txt.shape[1]}")
     if not isinstance(scale, torch.Tensor) or scale.numel() != 1:
         raise ValueError(f"scale must be a 1-element tensor (exp(logit_scale)), got {scale!r}")
+    if img.shape[0] < 1 or txt.shape[0] < 1:
+        raise ValueError(f"img and txt need at least one row, got N={img.shape[0]} and {txt.shape[0]}")
+    for name, t in (("img", img), ("txt", txt), ("scale", scale)):
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor, got dtype {t.dtype}")
 
 
 def contrastive_loss_ref(img, txt, scale):

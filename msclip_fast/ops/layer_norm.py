@@ -10,7 +10,9 @@ from ._triton import triton_available
 from .registry import Backend, Op
 
 
-def _check(x, weight, bias, modality_ids):
+def _check(x, weight, bias, modality_ids, eps=1e-12):
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
     if weight.dim() != 2 or bias.shape != weight.shape:
         raise ValueError(
             f"weight and bias must be (M, D) of one shape, got {tuple(weight.shape)} and {tuple(bias.shape)}"
@@ -21,15 +23,22 @@ def _check(x, weight, bias, modality_ids):
     if isinstance(modality_ids, int):
         if not 0 <= modality_ids < M:
             raise ValueError(f"modality_ids={modality_ids} out of range for M={M} modalities")
-    elif modality_ids.shape != x.shape[:-1]:
-        raise ValueError(
-            f"modality_ids must have shape {tuple(x.shape[:-1])} (one id per row), got {tuple(modality_ids.shape)}"
-        )
+    else:
+        if modality_ids.shape != x.shape[:-1]:
+            raise ValueError(
+                f"modality_ids must have shape {tuple(x.shape[:-1])} (one id per row), got {tuple(modality_ids.shape)}"
+            )
+        if modality_ids.is_floating_point() or modality_ids.is_complex() or modality_ids.dtype == torch.bool:
+            raise ValueError(f"modality_ids must be an integer tensor, got dtype {modality_ids.dtype}")
+        if not modality_ids.is_cuda and modality_ids.numel():  # a CUDA range check would sync
+            lo, hi = int(modality_ids.min()), int(modality_ids.max())
+            if lo < 0 or hi >= M:
+                raise ValueError(f"modality_ids hold values in [{lo}, {hi}], out of range for M={M} modalities")
 
 
 def modality_layer_norm_ref(x, weight, bias, modality_ids, eps: float = 1e-12, residual=None):
     """Plain PyTorch reference for :func:`modality_layer_norm` (same arguments)."""
-    _check(x, weight, bias, modality_ids)
+    _check(x, weight, bias, modality_ids, eps)
     if residual is not None:
         if residual.shape != x.shape:
             raise ValueError(f"residual shape {tuple(residual.shape)} must equal x shape {tuple(x.shape)}")
@@ -49,7 +58,7 @@ def modality_layer_norm_ref(x, weight, bias, modality_ids, eps: float = 1e-12, r
 
 
 def _triton(x, weight, bias, modality_ids, eps: float = 1e-12, residual=None):
-    _check(x, weight, bias, modality_ids)
+    _check(x, weight, bias, modality_ids, eps)
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual shape {tuple(residual.shape)} must equal x shape {tuple(x.shape)}")
     return _lnt.modality_layer_norm_triton(x, weight, bias, modality_ids, eps=eps, residual=residual)

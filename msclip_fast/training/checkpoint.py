@@ -122,11 +122,20 @@ def save_checkpoint(run_dir: Path, step: int, engine, model_config: dict, meta: 
     return final
 
 
-def load_checkpoint(path, engine) -> dict:
+def load_checkpoint(path, engine, expect: dict | None = None) -> dict:
     """Restore ``engine`` (model, optimizer, scheduler) and this rank's RNG from ``path``
-    (anything :func:`resolve_checkpoint` accepts); returns meta.json's dict."""
+    (anything :func:`resolve_checkpoint` accepts); returns meta.json's dict.
+
+    ``expect`` maps a meta.json key to ``(value, flag)``: a checkpoint whose recorded value
+    differs (another ``--model``, another global batch) raises ValueError naming the flag,
+    before any state is loaded.
+    """
     ckpt = resolve_checkpoint(path)
     meta = json.loads((ckpt / "meta.json").read_text())
+    for key, (value, flag) in (expect or {}).items():
+        if key in meta and meta[key] != value:
+            raise ValueError(f"checkpoint {ckpt} was trained with {key}={meta[key]!r}, this run has "
+                             f"{key}={value!r}: resume with the same {flag}")
     if meta.get("engine") and meta["engine"] != engine.kind:
         raise ValueError(f"checkpoint {ckpt} was written by the {meta['engine']!r} engine; "
                          f"this run uses {engine.kind!r} (launch it the same way)")

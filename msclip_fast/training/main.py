@@ -124,6 +124,19 @@ class _RunFiles:
             os.replace(tmp, self.run_dir / "summary.json")
 
 
+def _single_process_env() -> None:
+    """``python train.py --ds_config ...`` without a launcher: one rank on a free loopback
+    port (DeepSpeed would otherwise look for MPI to discover its rank)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
+        os.environ.setdefault(key, value)
+
+
 def main(argv=None) -> dict:
     """Train; returns the summary dict (also written to ``OUTPUT/summary.json``).
 
@@ -137,6 +150,8 @@ def main(argv=None) -> dict:
     if distributed:
         import deepspeed
 
+        if "RANK" not in os.environ:
+            _single_process_env()
         deepspeed.init_distributed()
         rank, world_size = dist.get_rank(), dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank if args.local_rank >= 0 else 0))
@@ -159,6 +174,9 @@ def _train(args, rank: int, world_size: int, local_rank: int, distributed: bool)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # collectives (all_gather_object) use the current device
     run_dir = Path(args.output)
+    if not args.resume and (run_dir / "checkpoints" / "latest").exists():
+        raise ValueError(f"--output {run_dir} already holds a run (checkpoints/latest); pass --resume {run_dir} "
+                         "to continue it, or choose a new --output")
     ds_config = resolve_ds_config(args.ds_config, args, world_size, device.type) if distributed else None
     if not distributed:
         args.precision = args.precision or "fp32"
@@ -183,8 +201,9 @@ def _train(args, rank: int, world_size: int, local_rank: int, distributed: bool)
     steps_per_epoch = None if n_batches is None else n_batches // args.accum_steps
     if steps_per_epoch is not None:
         if steps_per_epoch < 1:
-            raise ValueError(f"--batch-size {args.batch_size} x --accum-steps {args.accum_steps} exceeds "
-                             f"the {n_batches} batches per rank of --train-data {args.train_data!r}")
+            raise ValueError(f"--train-data {args.train_data!r} gives {n_batches} full batches of --batch-size "
+                             f"{args.batch_size} per rank, fewer than --accum-steps {args.accum_steps}: "
+                             "lower --batch-size or add data")
         total_steps = args.epochs * steps_per_epoch
     elif args.max_steps:
         total_steps = args.max_steps
@@ -203,16 +222,21 @@ def _train(args, rank: int, world_size: int, local_rank: int, distributed: bool)
 
     step, epoch, skip = 0, 0, 0
     last_ckpt = None
+    global_batch = args.batch_size * args.accum_steps * world_size
     if args.resume:
-        meta = load_checkpoint(args.resume, engine)
+        meta = load_checkpoint(args.resume, engine, expect={
+            "model": (args.model, "--model"),
+            "global_batch": (global_batch, "--batch-size x --accum-steps x ranks")})
         step, epoch, skip = int(meta["step"]), int(meta["epoch"]), int(meta["batch"])
         last_ckpt = meta["path"]
+        if step >= stop_at:
+            raise ValueError(f"--resume {args.resume}: its checkpoint is at step {step}, already at or past "
+                             f"the end of this run (step {stop_at}); raise --max-steps or --epochs")
     files = _RunFiles(run_dir, rank, step if args.resume else None)
     if rank == 0:
         (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
     engine.barrier()
 
-    global_batch = args.batch_size * args.accum_steps * world_size
     logger.info("engine %s (ZeRO %s), %d rank(s), precision %s, %s steps/epoch, schedule %d steps, stop at %d",
                 engine.kind, engine.zero_stage, world_size, args.precision, steps_per_epoch, total_steps, stop_at)
     meta_common = {"engine": engine.kind, "zero_stage": engine.zero_stage, "world_size": world_size,
@@ -256,6 +280,7 @@ def _train(args, rank: int, world_size: int, local_rank: int, distributed: bool)
                         raise NonFiniteLossError(step + 1, value, last_ckpt)
                     losses.append(value)
                     engine.backward(loss)
+                lrs = engine.lrs()  # the rates this step trains with (step() advances the schedule)
                 grad_norm = engine.step()
                 step += 1
                 steps_run += 1
@@ -268,7 +293,6 @@ def _train(args, rank: int, world_size: int, local_rank: int, distributed: bool)
                 if step % args.log_every == 0 or step == stop_at:
                     skipped = _gather_skipped(loader, world_size)
                     now = time.time()
-                    lrs = engine.lrs()
                     shared = [v for k, v in lrs.items() if k.startswith("shared")]
                     plain = [v for k, v in lrs.items() if not k.startswith("shared")]
                     lr = plain[0] if plain else shared[0]

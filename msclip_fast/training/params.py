@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-data", default=None, help="validation shards (used by --eval-every)")
     g.add_argument("--image-size", type=int, default=None, help="override the preset's image size (px)")
     g.add_argument("--packed", dest="packed", action="store_true",
-                   help="run both modalities through each shared block in one call (DESIGN §3); "
+                   help="run image and text tokens through each shared block in one call; "
                         "default: the preset's `packed`, true where attention and FFN are shared")
     g.add_argument("--no-packed", dest="packed", action="store_false", help="force the per-tower path")
     g.set_defaults(packed=None)

@@ -75,3 +75,19 @@ def test_bad_shapes_raise():
     qv = torch.randn(10, 2, 8)
     with pytest.raises(ValueError, match="one flag per sequence"):
         ops.attention(qv, qv, qv, cu_seqlens=torch.tensor([0, 4, 10], dtype=torch.int32), causal=torch.tensor([True]))
+
+
+@pytest.mark.parametrize("bounds", [[0, 3, 6], [1, 3, 8], [0, 3, 10], [0, 5, 3, 8]])
+def test_bad_cu_seqlens_rejected(bounds):
+    q = torch.randn(8, 2, 16)
+    with pytest.raises(ValueError, match="cu_seqlens must rise from 0 to T=8"):
+        ops.attention(q, q, q, cu_seqlens=torch.tensor(bounds, dtype=torch.int32))
+
+
+def test_mixed_or_integer_dtypes_rejected():
+    q = torch.randn(1, 2, 5, 8)
+    with pytest.raises(ValueError, match="one floating dtype"):
+        ops.attention(q, q.double(), q)
+    qi = torch.ones(1, 2, 5, 8, dtype=torch.int32)
+    with pytest.raises(ValueError, match="one floating dtype"):
+        ops.attention(qi, qi, qi)

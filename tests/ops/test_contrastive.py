@@ -49,3 +49,12 @@ def test_shape_errors():
         ops.contrastive_loss(torch.randn(3, 4), torch.randn(2, 4), torch.tensor(1.0))
     with pytest.raises(ValueError, match="scale"):
         ops.contrastive_loss(torch.randn(3, 4), torch.randn(3, 4), 2.0)
+
+
+def test_empty_and_integer_inputs_rejected():
+    with pytest.raises(ValueError, match="at least one row"):
+        ops.contrastive_loss(torch.randn(0, 4), torch.randn(0, 4), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="img must be a floating tensor"):
+        ops.contrastive_loss(torch.ones(3, 4, dtype=torch.long), torch.randn(3, 4), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="x must be a floating tensor"):
+        ops.bias_act(torch.ones(3, 4, dtype=torch.long), None)

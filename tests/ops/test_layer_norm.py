@@ -60,3 +60,15 @@ def test_errors_name_the_field():
         ops.modality_layer_norm(x, w, w, torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="width"):
         ops.modality_layer_norm(torch.randn(4, 7), w, w, 0)
+
+
+def test_bad_ids_and_eps_rejected():
+    x, w = torch.randn(2, 8), torch.randn(2, 8)
+    with pytest.raises(ValueError, match=r"modality_ids hold values in \[0, 2\]"):
+        ops.modality_layer_norm(x, w, w, torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="integer tensor"):
+        ops.modality_layer_norm(x, w, w, torch.tensor([0.5, 1.7]))
+    with pytest.raises(ValueError, match="integer tensor"):
+        ops.modality_layer_norm(x, w, w, torch.tensor([True, False]))
+    with pytest.raises(ValueError, match="eps must be > 0, got -1"):
+        ops.modality_layer_norm(x, w, w, 0, eps=-1)
