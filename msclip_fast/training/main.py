@@ -159,7 +159,12 @@ def main(argv=None) -> dict:
         rank, world_size, local_rank = 0, 1, 0
     _setup_logging(rank)
     try:
-        return _train(args, rank, world_size, local_rank, distributed)
+        summary = _train(args, rank, world_size, local_rank, distributed)
+        if dist_ready():
+            # leave together: a rank that tears gloo down while its peer still finishes the
+            # last checkpoint's collectives has aborted at exit ("terminate called ...")
+            dist.barrier()
+        return summary
     finally:
         if dist_ready():
             dist.destroy_process_group()
