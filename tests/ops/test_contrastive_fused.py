@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _contrastive_data import features
+
 from msclip_fast import ops
 from msclip_fast.ops import contrastive_fused
 
@@ -15,16 +17,6 @@ ext, reason = contrastive_fused.load_extension()
 pytestmark = pytest.mark.skipif(ext is None, reason=f"extension not built: {reason}")
 
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-
-def features(n, d, dtype, seed, dup=False):
-    g = torch.Generator().manual_seed(seed)
-    img = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
-    txt = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
-    if dup:  # second half repeats the first half: duplicated pairs
-        h = n // 2
-        img[h : 2 * h], txt[h : 2 * h] = img[:h], txt[:h]
-    return img.to(dtype), txt.to(dtype)
 
 
 def rel(a, b):

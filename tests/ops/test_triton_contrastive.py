@@ -6,19 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from msclip_fast import ops
+from _contrastive_data import features
 from _triton_optest import DEVICES, HAS_TRITON, INTERPRET, TOL_MATMUL, rel_err
 
 NAMES = ("loss", "d_img", "d_txt", "d_scale")
-
-
-def features(n, d, dtype, device, seed, dup=False):
-    g = torch.Generator().manual_seed(seed)
-    img = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
-    txt = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
-    if dup:  # second half repeats the first half: duplicated pairs
-        h = n // 2
-        img[h : 2 * h], txt[h : 2 * h] = img[:h], txt[:h]
-    return img.to(device=device, dtype=dtype), txt.to(device=device, dtype=dtype)
 
 
 def loss_and_grads(fn, img, txt, scale, upstream=1.0):
@@ -60,7 +51,7 @@ CASES = [
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n,d,dtype,s,dup", CASES, ids=lambda v: str(v).replace("torch.", ""))
 def test_matches_float64_reference(device, n, d, dtype, s, dup):
-    img, txt = features(n, d, dtype, device, seed=n * 1000 + d, dup=dup)
+    img, txt = features(n, d, dtype, device=device, seed=n * 1000 + d, dup=dup)
     scale = torch.tensor(s, device=device)
     out = loss_and_grads(triton_loss, img, txt, scale)
     # the oracle sees the same (already rounded) inputs in float64
@@ -82,7 +73,7 @@ def test_matches_float64_reference(device, n, d, dtype, s, dup):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_upstream_gradient_scale_shapes_and_determinism(device):
-    img, txt = features(70, 24, torch.float32, device, seed=3)
+    img, txt = features(70, 24, torch.float32, device=device, seed=3)
     for scale in (torch.tensor(20.0, dtype=torch.float64, device=device), torch.tensor([20.0], device=device)):
         a = loss_and_grads(triton_loss, img, txt, scale, upstream=3.0)
         b = loss_and_grads(ops.contrastive_loss_ref, img.double().cpu(), txt.double().cpu(), scale.double().cpu(), 3.0)
@@ -96,7 +87,7 @@ def test_upstream_gradient_scale_shapes_and_determinism(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_non_contiguous_inputs(device):
-    img, txt = features(33, 24, torch.float32, device, seed=5)
+    img, txt = features(33, 24, torch.float32, device=device, seed=5)
     wide = torch.cat([img, torch.zeros_like(img)], 1)[:, :24]  # row stride 48
     txt_t = txt.t().contiguous().t()  # column-major
     assert not wide.is_contiguous() and not txt_t.is_contiguous()
@@ -109,7 +100,7 @@ def test_non_contiguous_inputs(device):
 
 @pytest.mark.skipif(not (HAS_TRITON and INTERPRET), reason="needs triton + numpy with TRITON_INTERPRET=1")
 def test_auto_never_picks_triton_for_cpu_tensors():
-    img, txt = features(4, 8, torch.float32, "cpu", seed=1)
+    img, txt = features(4, 8, torch.float32, device="cpu", seed=1)
     op = ops.contrastive_loss.op
     assert list(op.backends)[:2] == ["cuda", "triton"]  # auto: cuda first, then triton (CUDA tensors)
     assert op.select("triton", img, txt, torch.tensor(1.0)).name == "triton"  # runs by name
@@ -130,7 +121,7 @@ def test_full_grid(device, dtype):
     for n in (1, 3, 7, 64, 130):
         for d in (1, 7, 64, 96):
             for s in (1.0, 100.0):
-                img, txt = features(n, d, dtype, device, seed=n + 7 * d, dup=n >= 7 and d > 1)
+                img, txt = features(n, d, dtype, device=device, seed=n + 7 * d, dup=n >= 7 and d > 1)
                 scale = torch.tensor(s, device=device)
                 out = loss_and_grads(triton_loss, img, txt, scale)
                 ref = loss_and_grads(ops.contrastive_loss_ref, img.double().cpu(), txt.double().cpu(),

@@ -6,11 +6,6 @@ deals sample i of the epoch to rank i % world_size, and the gathered ClipLoss is
 loss, so the two runs see the same global batches).
 """
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,29 +14,9 @@ import torch
 import msclip_fast as mf
 from msclip_fast.training import main
 
-REPO = Path(__file__).resolve().parents[2]
+from _ds_launch import launch as _launch, losses as _losses
+
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(args: list[str], timeout: int = 300) -> float:
-    """Run `deepspeed --num_gpus 2 train.py ARGS` on the CPU; returns wall seconds."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_free_port()),
-           "train.py", *args]
-    t = time.time()
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]
-    return time.time() - t
-
-
-def _losses(run: Path) -> list[float]:
-    return [json.loads(l)["loss"] for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
 
 
 @pytest.fixture(scope="module")

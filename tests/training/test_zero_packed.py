@@ -6,38 +6,15 @@ statistics), 3 steps, 4 samples per rank vs 8 in one process, the gathered ClipL
 full-batch loss; equal loss curves over 3 optimizer steps mean the steps' gradients agreed.
 """
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from msclip_fast.training import main
 
-REPO = Path(__file__).resolve().parents[2]
+from _ds_launch import launch as _launch, losses as _losses
+
 pytestmark = pytest.mark.slow
-
-
-def _launch(args: list[str], timeout: int = 300) -> float:
-    """Run `deepspeed --num_gpus 2 train.py ARGS` on the CPU (2 gloo ranks); returns wall seconds."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
-           "train.py", *args]
-    t = time.time()
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]
-    return time.time() - t
-
-
-def _losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def _config(run):
