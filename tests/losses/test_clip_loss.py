@@ -93,6 +93,7 @@ def _worker(rank, world_size, port, local_loss, queue):
         dist.all_reduce(loss)
         # numpy copies: torch tensors would be shared via fds that vanish when this process exits
         queue.put((rank, *[t.numpy().copy() for t in (loss / world_size, gw, gls, gfeat)]))
+        dist.barrier()  # tear gloo down together: a rank leaving early has aborted at exit
     finally:
         dist.destroy_process_group()
 

@@ -144,6 +144,7 @@ def _worker(rank, world_size, port, queue):
             g /= world_size
         dist.all_reduce(loss)
         queue.put((rank, spy.max_numel, *[t.numpy().copy() for t in (loss / world_size, gw, gls, gfeat)]))
+        dist.barrier()  # tear gloo down together: a rank leaving early has aborted at exit
     finally:
         dist.destroy_process_group()
 
