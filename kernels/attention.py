@@ -17,18 +17,24 @@ and one where each program owns a query block and accumulates ``dQ`` over key bl
 scores are recomputed in both; that is the price of owning every output element).
 
 Head dims up to 128: the head dim is padded to ``BLOCK_K = max(16, next_pow2(K))`` by masked
-loads (80 and 96 run as 128). ``DOT_F32`` casts tiles to fp32 before ``tl.dot`` (the CPU
-interpreter computes bf16 dots wrongly); on GPUs fp16/bf16 tiles go to tensor cores with fp32
-accumulation and fp32 inputs use IEEE (not TF32) dots.
+loads (80 and 96 run as 128). Tiles are chosen for the sequence length (:func:`seq_block`:
+32-row tiles for 77 text tokens, 64 for 50 image tokens), not fixed at 128 rows.
+Numerics: fp16/bf16 tiles go to the tensor cores with fp32 accumulation, P and dS are rounded to
+the input dtype for their products (as FlashAttention does); fp32 inputs use IEEE (not TF32)
+dots. Every dot goes through ``_numerics.dot``, so the CPU interpreter runs these same numerics
+(``EMULATE``); only tiles, warps and stages differ there.
 Imports torch and triton only (DESIGN §4).
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from ._numerics import dot
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
@@ -58,7 +64,7 @@ def _causal_flag(CAUSAL, b, CAUSAL_MODE: tl.constexpr):
     return f
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "slb", "slh"])  # sizes vary per call; strides keep their alignment
 def _attn_fwd_kernel(
     Q, K, V, O,  # q/k/v/o base pointers (layouts in the module docstring)
     LSE,  # fp32 out, element (b, h, row) at b*stride_lb + h*stride_lh + start + row
@@ -78,7 +84,7 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    EMULATE: tl.constexpr,  # CPU interpreter: GPU dot numerics in exact fp32 (kernels/_numerics.py)
     PREC: tl.constexpr,  # tl.dot input precision for fp32 tiles
 ):
     pid_bh = tl.program_id(0)
@@ -98,8 +104,6 @@ def _attn_fwd_kernel(
     k_base = K + b * skb + start * skt + h * skh
     v_base = V + b * svb + start * svt + h * svh
     q = tl.load(q_base + offs_m[:, None] * sqt + offs_k[None, :] * sqk, mask=mmask[:, None] & kmask[None, :], other=0.0)
-    if DOT_F32:
-        q = q.to(tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
@@ -112,10 +116,7 @@ def _attn_fwd_kernel(
         kv_mask = nmask[:, None] & kmask[None, :]
         k = tl.load(k_base + offs_n[:, None] * skt + offs_k[None, :] * skk, mask=kv_mask, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * svt + offs_k[None, :] * svk, mask=kv_mask, other=0.0)
-        if DOT_F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        s = dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PREC, EMULATE) * qk_scale
         valid = nmask[None, :]
         if CAUSAL_MODE != 0:
             valid = valid & ((offs_n[None, :] <= offs_m[:, None]) | (causal == 0))
@@ -124,7 +125,7 @@ def _attn_fwd_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        acc = dot(p.to(v.dtype), v, acc * alpha[:, None], PREC, EMULATE)
         m_i = m_new
     o = acc / l_i[:, None]
     o_base = O + b * sob + start * sot + h * soh
@@ -133,7 +134,7 @@ def _attn_fwd_kernel(
     tl.store(LSE + b * slb + h * slh + start + offs_m, m_i + tl.log2(l_i), mask=mmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "slb", "slh"])  # sizes vary per call; strides keep their alignment
 def _attn_bwd_delta_kernel(
     O, DO, DELTA,  # DELTA fp32 out, laid out like LSE
     CU, L, H, HEAD_DIM,
@@ -161,7 +162,7 @@ def _attn_bwd_delta_kernel(
     tl.store(DELTA + b * slb + h * slh + start + offs_m, delta, mask=mmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "slb", "slh"])  # sizes vary per call; strides keep their alignment
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV,
     LSE, DELTA,
@@ -180,7 +181,7 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    EMULATE: tl.constexpr,  # CPU interpreter: GPU dot numerics in exact fp32 (kernels/_numerics.py)
     PREC: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -199,9 +200,6 @@ def _attn_bwd_dkdv_kernel(
     kv_mask = nmask[:, None] & kmask[None, :]
     k = tl.load(K + b * skb + (start + offs_n[:, None]) * skt + h * skh + offs_k[None, :] * skk, mask=kv_mask, other=0.0)
     v = tl.load(V + b * svb + (start + offs_n[:, None]) * svt + h * svh + offs_k[None, :] * svk, mask=kv_mask, other=0.0)
-    if DOT_F32:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
     q_base = Q + b * sqb + start * sqt + h * sqh
     do_base = DO + b * sdb + start * sdt + h * sdh
     l_base = LSE + b * slb + h * slh + start
@@ -217,28 +215,25 @@ def _attn_bwd_dkdv_kernel(
         q_mask = mmask[:, None] & kmask[None, :]
         q = tl.load(q_base + offs_m[:, None] * sqt + offs_k[None, :] * sqk, mask=q_mask, other=0.0)
         do = tl.load(do_base + offs_m[:, None] * sdt + offs_k[None, :] * sdk, mask=q_mask, other=0.0)
-        if DOT_F32:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
         lse = tl.load(l_base + offs_m, mask=mmask, other=float("inf"))
         delta = tl.load(d_base + offs_m, mask=mmask, other=0.0)
         # transposed scores (BLOCK_N, BLOCK_M): no tl.trans of the large accumulators
-        st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
+        st = dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PREC, EMULATE) * qk_scale
         valid = mmask[None, :] & nmask[:, None]
         if CAUSAL_MODE != 0:
             valid = valid & ((offs_m[None, :] >= offs_n[:, None]) | (causal == 0))
         pt = tl.where(valid, tl.exp2(st - lse[None, :]), 0.0)
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
-        dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+        dv = dot(pt.to(do.dtype), do, dv, PREC, EMULATE)
+        dpt = dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PREC, EMULATE)
         dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
+        dk = dot(dst.to(q.dtype), q, dk, PREC, EMULATE)
     dk = dk * sm_scale
     g_off = b * sgb + (start + offs_n[:, None]) * sgt + h * sgh + offs_k[None, :] * sgk
     tl.store(DK + g_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "slb", "slh"])  # sizes vary per call; strides keep their alignment
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, DQ,
     LSE, DELTA,
@@ -257,7 +252,7 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    EMULATE: tl.constexpr,  # CPU interpreter: GPU dot numerics in exact fp32 (kernels/_numerics.py)
     PREC: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -276,9 +271,6 @@ def _attn_bwd_dq_kernel(
     q_mask = mmask[:, None] & kmask[None, :]
     q = tl.load(Q + b * sqb + (start + offs_m[:, None]) * sqt + h * sqh + offs_k[None, :] * sqk, mask=q_mask, other=0.0)
     do = tl.load(DO + b * sdb + (start + offs_m[:, None]) * sdt + h * sdh + offs_k[None, :] * sdk, mask=q_mask, other=0.0)
-    if DOT_F32:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
     lse = tl.load(LSE + b * slb + h * slh + start + offs_m, mask=mmask, other=float("inf"))
     delta = tl.load(DELTA + b * slb + h * slh + start + offs_m, mask=mmask, other=0.0)
     k_base = K + b * skb + start * skt + h * skh
@@ -293,17 +285,14 @@ def _attn_bwd_dq_kernel(
         kv_mask = nmask[:, None] & kmask[None, :]
         k = tl.load(k_base + offs_n[:, None] * skt + offs_k[None, :] * skk, mask=kv_mask, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * svt + offs_k[None, :] * svk, mask=kv_mask, other=0.0)
-        if DOT_F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        s = dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PREC, EMULATE) * qk_scale
         valid = mmask[:, None] & nmask[None, :]
         if CAUSAL_MODE != 0:
             valid = valid & ((offs_n[None, :] <= offs_m[:, None]) | (causal == 0))
         p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        dp = dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PREC, EMULATE)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+        dq = dot(ds.to(k.dtype), k, dq, PREC, EMULATE)
     dq = dq * sm_scale
     tl.store(DQ + b * sgb + (start + offs_m[:, None]) * sgt + h * sgh + offs_k[None, :] * sgk,
              dq.to(DQ.dtype.element_ty), mask=q_mask)
@@ -319,22 +308,70 @@ def _strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int, int]:
     return t.stride(0), t.stride(2), t.stride(1), t.stride(3)
 
 
-def _config(head_dim: int, dtype: torch.dtype, device: torch.device, bwd: bool):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, DOT_F32, PREC)."""
+class AttnConfig(NamedTuple):
+    """One launch configuration. ``emulate`` and ``prec`` affect numerics and depend on the dtype
+    only (DESIGN §8); the tiles, warps and stages depend on the device and the shapes."""
+
+    block_m: int  # query rows per tile
+    block_n: int  # key rows per tile
+    block_k: int  # padded head dim
+    num_warps: int
+    num_stages: int
+    emulate: bool  # CPU interpreter: GPU dot numerics in exact fp32 (kernels/_numerics.py)
+    prec: str  # tl.dot input precision for fp32 tiles
+
+
+def numerics(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision, the same on every device: IEEE for fp32 (TF32 would exceed the
+    fp32 1e-4 tolerance of DESIGN §7); 16-bit tiles go to the tensor cores as they are."""
+    return "ieee"
+
+
+def padding_waste(length: int, block: int) -> float:
+    """Fraction of a sequence's tile rows that are padding: ``1 - L / (ceil(L / block) * block)``."""
+    if length <= 0:
+        return 0.0
+    return 1.0 - length / (triton.cdiv(length, block) * block)
+
+
+def seq_block(length: int, choices: tuple[int, ...], slack: float = 0.15) -> int:
+    """The largest tile in ``choices`` whose padded row count ``ceil(L / b) * b`` is within
+    ``slack`` of the smallest, for sequences of ``length`` tokens (CLIP: 50 image tokens at
+    B/32, 77 text tokens, 197 at B/16): larger tiles amortize loads and reach wgmma, but a 64-
+    or 128-row tile over 77 tokens computes 40% padding where 32-row tiles compute 20%. Gives
+    64 for 50 tokens, 32 for 77 and 128 for 197 from (32, 64, 128)."""
+    if length <= 0:
+        return max(choices)
+    padded = {c: triton.cdiv(length, c) * c for c in choices}
+    least = min(padded.values())
+    return max(c for c in choices if padded[c] <= (1.0 + slack) * least)
+
+
+def _config(head_dim: int, dtype: torch.dtype, device: torch.device, bwd: bool,
+            max_seqlen: int | None = None) -> AttnConfig:
+    """Launch configuration for ``head_dim`` and sequences of at most ``max_seqlen`` tokens
+    (None: long sequences, the largest tiles)."""
     block_k = max(16, triton.next_power_of_2(head_dim))
-    interp = device.type != "cuda"
-    if interp:
+    prec = numerics(dtype)
+    if device.type != "cuda":
         # interpreter: few, large tiles (its cost is per op, not per flop)
-        return 64, 64, block_k, 4, 1, True, "ieee"
-    fp32 = dtype == torch.float32
-    prec = "ieee" if fp32 else "tf32"  # PREC only matters for fp32 tiles
+        return AttnConfig(64, 64, block_k, 4, 1, True, prec)
+    length = 1 << 20 if max_seqlen is None else int(max_seqlen)
+    # Every choice below was compiled for sm_90 with ptxas (python -m bench.kernel_report): no
+    # register spills, and 16-bit tiles of 64 rows use wgmma, 32-row tiles mma.sync.
+    if dtype == torch.float32:
+        # fp32 tiles hold twice the registers of 16-bit ones: small tiles keep them out of spills
+        if block_k <= 64:
+            return AttnConfig(32, 32, block_k, 4, 1 if bwd else 2, False, prec)
+        return AttnConfig(32 if bwd else 16, 16 if bwd else 32, block_k, 4, 1, False, prec)
     if bwd:
-        bm, bn = (32, 64) if (block_k > 64 or fp32) else (64, 64)
-        return bm, bn, block_k, (8 if block_k > 64 else 4), (1 if fp32 else 2), False, prec
-    if fp32:
-        return 64, 32, block_k, 4, 2, False, prec
-    bm, bn = (128, 64) if block_k <= 64 else (64, 64)
-    return bm, bn, block_k, (4 if block_k <= 64 else 8), 3, False, prec
+        if block_k > 64:
+            return AttnConfig(32, 32, block_k, 8, 2, False, prec)
+        b = seq_block(length, (32, 64))
+        return AttnConfig(b, b, block_k, 8 if b == 64 else 4, 2, False, prec)
+    if block_k > 64:
+        return AttnConfig(seq_block(length, (32, 64)), 32, block_k, 8, 3, False, prec)
+    return AttnConfig(seq_block(length, (32, 64, 128)), seq_block(length, (32, 64)), block_k, 4, 3, False, prec)
 
 
 def _layout(q, cu_seqlens, max_seqlen):
@@ -388,16 +425,16 @@ def attention_fwd(q, k, v, cu_seqlens=None, causal=False, scale=None, max_seqlen
     if q.numel() == 0 or max_len == 0:
         return o, lse
     mode, flags = _causal_args(causal, q.device)
-    bm, bn, bk, warps, stages, dot_f32, prec = _config(D, q.dtype, q.device, bwd=False)
+    cfg = _config(D, q.dtype, q.device, bwd=False, max_seqlen=max_len)
     cu = cu_seqlens if varlen else q  # CU unused when not VARLEN
-    grid = (S * H, triton.cdiv(max_len, bm))
+    grid = (S * H, triton.cdiv(max_len, cfg.block_m))
     _attn_fwd_kernel[grid](
         q, k, v, o, lse, cu, flags if flags is not None else q,
         scale * LOG2E, L, H, D,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(o, varlen),
         slb, slh,
-        VARLEN=varlen, CAUSAL_MODE=mode, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_F32=dot_f32, PREC=prec,
-        num_warps=warps, num_stages=stages,
+        VARLEN=varlen, CAUSAL_MODE=mode, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        EMULATE=cfg.emulate, PREC=cfg.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return o, lse
 
@@ -418,7 +455,8 @@ def attention_bwd(do, q, k, v, o, lse, cu_seqlens=None, causal=False, scale=None
         return dq.zero_(), dk.zero_(), dv.zero_()
     mode, flags = _causal_args(causal, q.device)
     flags = flags if flags is not None else q
-    bm, bn, bk, warps, stages, dot_f32, prec = _config(D, q.dtype, q.device, bwd=True)
+    cfg = _config(D, q.dtype, q.device, bwd=True, max_seqlen=max_len)
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     cu = cu_seqlens if varlen else q
     delta = torch.empty_like(lse)
     slb, slh = (0, lse.shape[1]) if varlen else (H * L, L)
@@ -432,14 +470,14 @@ def attention_bwd(do, q, k, v, o, lse, cu_seqlens=None, causal=False, scale=None
     _attn_bwd_dkdv_kernel[(S * H, triton.cdiv(max_len, bn))](
         q, k, v, do, dk, dv, lse, delta, cu, flags, scale * LOG2E, scale, L, H, D,
         *common, *_strides(dk, varlen), slb, slh,
-        VARLEN=varlen, CAUSAL_MODE=mode, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_F32=dot_f32, PREC=prec,
-        num_warps=warps, num_stages=stages,
+        VARLEN=varlen, CAUSAL_MODE=mode, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EMULATE=cfg.emulate, PREC=cfg.prec,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     _attn_bwd_dq_kernel[(S * H, triton.cdiv(max_len, bm))](
         q, k, v, do, dq, lse, delta, cu, flags, scale * LOG2E, scale, L, H, D,
         *common, *_strides(dq, varlen), slb, slh,
-        VARLEN=varlen, CAUSAL_MODE=mode, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_F32=dot_f32, PREC=prec,
-        num_warps=warps, num_stages=stages,
+        VARLEN=varlen, CAUSAL_MODE=mode, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EMULATE=cfg.emulate, PREC=cfg.prec,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return dq, dk, dv
 

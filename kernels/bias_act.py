@@ -52,7 +52,7 @@ def _act_grad(h, ACT: tl.constexpr):
         return 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * du
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R"])  # rows vary per call
 def _bias_act_fwd_kernel(
     X,  # (R, N) pre-activations without bias, contiguous
     BIAS,  # (N,) bias (read when HAS_BIAS)
@@ -76,7 +76,7 @@ def _bias_act_fwd_kernel(
     tl.store(Y + offs, _act(h, ACT).to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R", "rows_per_prog"])  # rows vary per call
 def _bias_act_bwd_kernel(
     X,  # (R, N) saved input (pre-activation without bias)
     BIAS,  # (N,) (read when HAS_BIAS)

@@ -26,24 +26,29 @@ nothing is merged across programs and no atomics are used (deterministic, DESIGN
   A tile is recomputed once per output chunk (``BLOCK_DO`` up to 256 columns: D ≤ 256 costs
   one recompute, D = 512 two).
 
-Numerics: fp32 accumulation for every dtype. ``DOT_F32`` casts tiles to fp32 before ``tl.dot``
-(needed by the CPU interpreter, which computes bf16 dots wrongly); on GPUs fp16/bf16 tiles go
-to tensor cores (G is rounded to the input dtype for the ``G·B`` product, as flash attention
-does with P) and fp32 tiles use IEEE dots, not TF32 (TF32 alone would exceed the fp32 1e-4
-tolerance of DESIGN §7 at scale 100).
+Numerics: fp32 accumulation for every dtype; fp16/bf16 tiles go to the tensor cores as they
+are, and ``2N·G`` (in [-2, 2]) is rounded to the input dtype for the ``G·B`` product, as flash
+attention does with P; the ``1/(2N)`` factor and the upstream gradient are applied to the fp32
+accumulator afterwards (applied before, most of an fp16 G underflows at N = 4096). fp32 tiles
+use IEEE dots, not TF32. Every dot goes through ``_numerics.dot``, so the CPU interpreter runs
+these same numerics (``EMULATE``); only tiles, warps and stages differ there.
 Imports torch and triton only (DESIGN §4).
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from ._numerics import dot
+
 
 @triton.jit
 def _raw_tile(A, B, offs_m, offs_n, mmask, nmask, D, sam, sad, sbn, sbd,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              DOT_F32: tl.constexpr, PREC: tl.constexpr):
+              EMULATE: tl.constexpr, PREC: tl.constexpr):
     """fp32 ``(BLOCK_M, BLOCK_N)`` tile of ``A[offs_m]·B[offs_n]ᵀ`` (masked rows give 0)."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     offs_d0 = tl.arange(0, BLOCK_D)
@@ -54,14 +59,11 @@ def _raw_tile(A, B, offs_m, offs_n, mmask, nmask, D, sam, sad, sbn, sbd,
                     mask=mmask[:, None] & dmask[None, :], other=0.0)
         b = tl.load(B + offs_n[:, None] * sbn + offs_d[None, :] * sbd,
                     mask=nmask[:, None] & dmask[None, :], other=0.0)
-        if DOT_F32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc += tl.dot(a, tl.trans(b), input_precision=PREC)
+        acc = dot(a, tl.trans(b), acc, PREC, EMULATE)
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "N"])
 def _lse_rows_kernel(
     A, B,  # (M, D), (N, D) feature rows, any strides
     LSE,  # (M,) fp32 out: log Σ_j exp(s·A_i·B_j)
@@ -73,7 +75,7 @@ def _lse_rows_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    EMULATE: tl.constexpr,  # CPU interpreter: GPU dot numerics in exact fp32 (kernels/_numerics.py)
     PREC: tl.constexpr,  # tl.dot input precision for fp32 tiles
 ):
     pid = tl.program_id(0)
@@ -88,7 +90,7 @@ def _lse_rows_kernel(
         offs_n = start_n + offs_n0
         nmask = offs_n < N
         raw = _raw_tile(A, B, offs_m, offs_n, mmask, nmask, D, sam, sad, sbn, sbd,
-                        BLOCK_M, BLOCK_N, BLOCK_D, DOT_F32, PREC)
+                        BLOCK_M, BLOCK_N, BLOCK_D, EMULATE, PREC)
         x = tl.where(nmask[None, :], raw * s, float("-inf"))
         # every block holds at least one valid column, so m_new is finite
         m_new = tl.maximum(m_i, tl.max(x, axis=1))
@@ -101,7 +103,7 @@ def _lse_rows_kernel(
         tl.store(DIAG + offs_m, diag, mask=mmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "N"])
 def _grad_rows_kernel(
     A, B,  # (M, D), (N, D) feature rows, any strides
     LSE_A,  # (M,) fp32 LSE of the rows of s·A·Bᵀ
@@ -109,7 +111,7 @@ def _grad_rows_kernel(
     DA,  # (M, D) out (A's dtype, contiguous): s·G·B
     DS_PART,  # (cdiv(M, BLOCK_M),) fp32 out: Σ_row-block G·raw (written when WRITE_DS)
     SCALE,  # (1,) fp32 s
-    COEF,  # (1,) fp32 upstream gradient / (2N)
+    COEF,  # (1,) fp32 upstream gradient / (2N), applied after the tile products
     M, N, D,
     sam, sad, sbn, sbd,
     WRITE_DS: tl.constexpr,
@@ -117,7 +119,7 @@ def _grad_rows_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,  # D chunk of the raw-tile reduction
     BLOCK_DO: tl.constexpr,  # D chunk of the output owned by this program
-    DOT_F32: tl.constexpr,
+    EMULATE: tl.constexpr,
     PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -136,44 +138,67 @@ def _grad_rows_kernel(
         offs_n = start_n + offs_n0
         nmask = offs_n < N
         raw = _raw_tile(A, B, offs_m, offs_n, mmask, nmask, D, sam, sad, sbn, sbd,
-                        BLOCK_M, BLOCK_N, BLOCK_D, DOT_F32, PREC)
+                        BLOCK_M, BLOCK_N, BLOCK_D, EMULATE, PREC)
         lse_b = tl.load(LSE_B + offs_n, mask=nmask, other=0.0)
         valid = mmask[:, None] & nmask[None, :]
         # -inf outside the matrix: exp gives exactly 0 there (a padded 0 logit minus a very
         # negative LSE would overflow before any mask)
         x = tl.where(valid, raw * s, float("-inf"))
-        g = coef * (tl.exp(x - lse_a[:, None]) + tl.exp(x - lse_b[None, :]))
-        g = tl.where(valid & (offs_m[:, None] == offs_n[None, :]), g - 2.0 * coef, g)
+        # 2N·G, in [-2, 2]: the 1/(2N) factor is applied after the products, so rounding this
+        # tile to fp16 for the tensor cores cannot underflow (G itself is ~1/N² at N = 4096,
+        # below fp16's smallest normal)
+        g = tl.exp(x - lse_a[:, None]) + tl.exp(x - lse_b[None, :])
+        g = tl.where(valid & (offs_m[:, None] == offs_n[None, :]), g - 2.0, g)
         if WRITE_DS:
             ds += tl.sum(g * raw, axis=1)
         b = tl.load(B + offs_n[:, None] * sbn + offs_do[None, :] * sbd,
                     mask=nmask[:, None] & domask[None, :], other=0.0)
-        if DOT_F32:
-            acc += tl.dot(g, b.to(tl.float32), input_precision=PREC)
-        else:
-            acc += tl.dot(g.to(b.dtype), b, input_precision=PREC)
-    out = (acc * s).to(DA.dtype.element_ty)
+        acc = dot(g.to(b.dtype), b, acc, PREC, EMULATE)
+    out = (acc * (s * coef)).to(DA.dtype.element_ty)
     tl.store(DA + offs_m[:, None] * D + offs_do[None, :], out, mask=mmask[:, None] & domask[None, :])
     if WRITE_DS:
         if pid_d == 0:
-            tl.store(DS_PART + pid_m, tl.sum(ds, axis=0))
+            tl.store(DS_PART + pid_m, tl.sum(ds, axis=0) * coef)
 
 
 # ----------------------------------------------------------------------------- launchers
 
 
-def _config(d: int, dtype: torch.dtype, device: torch.device, bwd: bool):
-    """(BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DO, num_warps, num_stages, DOT_F32, PREC)."""
+class LossConfig(NamedTuple):
+    """One launch configuration. ``emulate`` and ``prec`` affect numerics and depend on the dtype
+    only (DESIGN §8); the tiles, warps and stages depend on where the kernel runs."""
+
+    block_m: int
+    block_n: int
+    block_d: int  # D chunk of the raw-tile reduction
+    block_do: int  # D chunk of the output owned by one backward program
+    num_warps: int
+    num_stages: int
+    emulate: bool  # CPU interpreter: GPU dot numerics in exact fp32 (kernels/_numerics.py)
+    prec: str  # tl.dot input precision for fp32 tiles
+
+
+def numerics(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision for this input dtype, the same on every device: IEEE for fp32
+    (TF32 alone would exceed the fp32 1e-4 tolerance of DESIGN §7 at scale 100); 16-bit tiles
+    go to the tensor cores as they are, with fp32 accumulation."""
+    return "ieee"
+
+
+def _config(d: int, dtype: torch.dtype, device: torch.device, bwd: bool, n: int = 0) -> LossConfig:
+    """Launch configuration for ``n`` pairs of feature width ``d``."""
     bd = max(16, min(triton.next_power_of_2(d), 128))
     bdo = max(16, min(triton.next_power_of_2(d), 256))
+    prec = numerics(dtype)
     if device.type != "cuda":
-        # interpreter: few, large tiles (its cost is per op, not per flop)
-        return 64, 64, bd, bdo, 4, 1, True, "ieee"
+        # interpreter: few, large tiles (its cost is per op, not per flop): N = 4096 in 8 x 8 tiles
+        t = min(512, max(64, triton.next_power_of_2(n) // 8))
+        return LossConfig(t, t, bd, bdo, 4, 1, True, prec)
     fp32 = dtype == torch.float32
-    prec = "ieee" if fp32 else "tf32"  # PREC only matters for fp32 tiles
     if bwd:
-        return 64, 64, min(bd, 32 if fp32 else 64), bdo, 8, (1 if fp32 else 2), False, prec
-    return (64 if fp32 else 128), 64, min(bd, 32 if fp32 else 64), bdo, (4 if fp32 else 8), (2 if fp32 else 3), False, prec
+        return LossConfig(64, 64, min(bd, 32 if fp32 else 64), bdo, 8, (1 if fp32 else 2), False, prec)
+    return LossConfig((64 if fp32 else 128), 64, min(bd, 32 if fp32 else 64), bdo, (4 if fp32 else 8),
+                      (2 if fp32 else 3), False, prec)
 
 
 def _check(img, txt, scale):
@@ -203,12 +228,12 @@ def contrastive_fwd(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor):
     """
     _check(img, txt, scale)
     n, d = img.shape
-    bm, bn, bd, _, warps, stages, dot_f32, prec = _config(d, img.dtype, img.device, bwd=False)
+    cfg = _config(d, img.dtype, img.device, bwd=False, n=n)
     f32 = dict(dtype=torch.float32, device=img.device)
     lse_row, lse_col, diag = torch.empty(n, **f32), torch.empty(n, **f32), torch.empty(n, **f32)
-    grid = (triton.cdiv(n, bm),)
-    common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_F32=dot_f32, PREC=prec,
-                  num_warps=warps, num_stages=stages)
+    grid = (triton.cdiv(n, cfg.block_m),)
+    common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, EMULATE=cfg.emulate,
+                  PREC=cfg.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _lse_rows_kernel[grid](img, txt, lse_row, diag, scale, n, n, d,
                            img.stride(0), img.stride(1), txt.stride(0), txt.stride(1),
                            WRITE_DIAG=True, **common)
@@ -231,14 +256,14 @@ def contrastive_bwd(img, txt, scale, lse_row, lse_col, grad_out):
     """
     _check(img, txt, scale)
     n, d = img.shape
-    bm, bn, bd, bdo, warps, stages, dot_f32, prec = _config(d, img.dtype, img.device, bwd=True)
+    cfg = _config(d, img.dtype, img.device, bwd=True, n=n)
     coef = (grad_out.detach().to(device=img.device, dtype=torch.float64).reshape(1) / (2.0 * n)).float()
     d_img = torch.empty((n, d), dtype=img.dtype, device=img.device)
     d_txt = torch.empty((n, d), dtype=txt.dtype, device=txt.device)
-    ds_part = torch.empty(triton.cdiv(n, bm), dtype=torch.float32, device=img.device)
-    grid = (triton.cdiv(n, bm), triton.cdiv(d, bdo))
-    common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DO=bdo, DOT_F32=dot_f32, PREC=prec,
-                  num_warps=warps, num_stages=stages)
+    ds_part = torch.empty(triton.cdiv(n, cfg.block_m), dtype=torch.float32, device=img.device)
+    grid = (triton.cdiv(n, cfg.block_m), triton.cdiv(d, cfg.block_do))
+    common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_DO=cfg.block_do,
+                  EMULATE=cfg.emulate, PREC=cfg.prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _grad_rows_kernel[grid](img, txt, lse_row, lse_col, d_img, ds_part, scale, coef, n, n, d,
                             img.stride(0), img.stride(1), txt.stride(0), txt.stride(1),
                             WRITE_DS=True, **common)
