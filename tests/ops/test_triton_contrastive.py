@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from msclip_fast import ops
 from _contrastive_data import features
-from _triton_optest import DEVICES, HAS_TRITON, INTERPRET, TOL_MATMUL, rel_err
+from _triton_optest import DEVICES, HAS_NUMPY, HAS_TRITON, INTERPRET, TOL_MATMUL, rel_err
 
 NAMES = ("loss", "d_img", "d_txt", "d_scale")
 
@@ -98,7 +98,7 @@ def test_non_contiguous_inputs(device):
         assert rel_err(x, y) < 1e-5, name
 
 
-@pytest.mark.skipif(not (HAS_TRITON and INTERPRET), reason="needs triton + numpy with TRITON_INTERPRET=1")
+@pytest.mark.skipif(not (HAS_TRITON and HAS_NUMPY and INTERPRET), reason="needs triton + numpy with TRITON_INTERPRET=1")
 def test_auto_never_picks_triton_for_cpu_tensors():
     img, txt = features(4, 8, torch.float32, device="cpu", seed=1)
     op = ops.contrastive_loss.op
@@ -109,23 +109,48 @@ def test_auto_never_picks_triton_for_cpu_tensors():
         ops.contrastive_loss(img.double(), txt.double(), torch.tensor(1.0), backend="triton")
 
 
+FULL_GRID = [(n, d, s) for n in (1, 3, 7, 64, 130) for d in (1, 7, 64, 96) for s in (1.0, 100.0)]
+# on the GPU every launch of a new (dtype, D) is a compile: cover every N, D and scale with each
+# dtype, without the cross product (8 cases instead of 40)
+GPU_GRID = [(1, 1, 1.0), (3, 7, 100.0), (7, 64, 1.0), (64, 96, 100.0), (130, 1, 100.0), (130, 7, 1.0),
+            (7, 96, 100.0), (64, 64, 100.0)]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_full_grid(device, dtype):
-    """Every (N, D, scale) of the issue in one dtype; pairs duplicated where N >= 7 and D > 1.
+def test_full_grid(request, device, dtype):
+    """Every (N, D, scale) of the issue in one dtype (the interpreter runs the cross product, the
+    GPU a covering subset); pairs duplicated where N >= 7 and D > 1.
     (With N = 3 one duplicated pair is most of the batch and the exact gradient nearly cancels,
     e.g. to 0 exactly for D = 1, where features are ±1: any method that keeps the fp32 LSE,
     the C++ backend included, leaves an absolute error of about s·ulp(lse), ~1e-5 at s = 100,
     which the relative measure then magnifies past 1e-4. CASES covers duplicates at N >= 7.)"""
     tol = TOL_MATMUL[dtype]
-    for n in (1, 3, 7, 64, 130):
-        for d in (1, 7, 64, 96):
-            for s in (1.0, 100.0):
-                img, txt = features(n, d, dtype, device=device, seed=n + 7 * d, dup=n >= 7 and d > 1)
-                scale = torch.tensor(s, device=device)
-                out = loss_and_grads(triton_loss, img, txt, scale)
-                ref = loss_and_grads(ops.contrastive_loss_ref, img.double().cpu(), txt.double().cpu(),
-                                     scale.double().cpu())
-                for name, a, b in zip(NAMES, out, ref):
-                    err = rel_err(a, b) if (n > 1 or name == "loss") else a.abs().max().item()
-                    assert err <= tol, f"N={n} D={d} scale={s} {name}: {err:.3g} > {tol}"
+    grid = GPU_GRID if request.node.get_closest_marker("gpu") else FULL_GRID
+    assert {n for n, _, _ in grid} == {1, 3, 7, 64, 130} and {d for _, d, _ in grid} == {1, 7, 64, 96}
+    for n, d, s in grid:
+        img, txt = features(n, d, dtype, device=device, seed=n + 7 * d, dup=n >= 7 and d > 1)
+        scale = torch.tensor(s, device=device)
+        out = loss_and_grads(triton_loss, img, txt, scale)
+        ref = loss_and_grads(ops.contrastive_loss_ref, img.double().cpu(), txt.double().cpu(),
+                             scale.double().cpu())
+        for name, a, b in zip(NAMES, out, ref):
+            err = rel_err(a, b) if (n > 1 or name == "loss") else a.abs().max().item()
+            assert err <= tol, f"N={n} D={d} scale={s} {name}: {err:.3g} > {tol}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp16_backward_at_realistic_batch(device):
+    """N = 4096, D = 512, fp16, scale 100: a G scaled by 1/(2N) before its fp16 rounding
+    underflows for most entries (G ~ 1/N² here, fp16's smallest normal is 6e-5) and gave
+    d_img/d_txt relative errors of 1.3e-3 under these numerics, within the 2e-3 fp16 tolerance
+    but 6x the error of a schedule that rounds only values in [-2, 2] (2.3e-4; the C++
+    extension, which never rounds G, 2.1e-4). The bound holds the kernel to the latter."""
+    img, txt = features(4096, 512, torch.float16, device=device, seed=11)
+    scale = torch.tensor(100.0, device=device)
+    out = loss_and_grads(triton_loss, img, txt, scale)
+    ref = loss_and_grads(ops.contrastive_loss_ref, img.double().cpu(), txt.double().cpu(), scale.double().cpu())
+    errs = {name: rel_err(a, b) for name, a, b in zip(NAMES, out, ref)}
+    assert errs["loss"] < 1e-6 and errs["d_scale"] < 1e-5, errs
+    assert errs["d_img"] < 4e-4 and errs["d_txt"] < 4e-4, errs
