@@ -50,3 +50,28 @@ cpp-test:
 
 clean:
 	rm -rf build *.egg-info runs/demo
+
+# Static kernel report (bench/kernel_report.py): every Triton kernel variant the GPU path launches
+# at CLIP shapes, compiled for sm_90 with Triton's ptxas; fails when a bf16 kernel spills or a
+# tl.dot kernel uses no tensor-core instruction. JSON in build/, cache in build/triton_cache_report.
+.PHONY: kernel-report triton36-check
+test: kernel-report triton36-check
+kernel-report: $(STAMP)
+	$(VPY) -m bench.kernel_report --check --quiet --json build/kernel_report.json
+
+# The device machine runs Triton 3.6: compile the kernels with it too (report at CLIP shapes and
+# the awkward-shape compile test), from a 3.6 wheel unpacked under build/ that shadows the venv's
+# Triton through PYTHONPATH (torch stays the venv's). About 190 MB downloaded once, 640 MB unpacked.
+TRITON36 := 3.6.0
+TRITON36_DIR := build/triton36
+$(TRITON36_DIR)/.installed:
+	$(VPY) -m pip download --quiet --no-deps --dest build/wheels triton==$(TRITON36)
+	rm -rf $(TRITON36_DIR)
+	$(VPY) -m pip install --quiet --no-deps --target $(TRITON36_DIR) build/wheels/triton-$(TRITON36)-*.whl
+	touch $@
+triton36-check: $(STAMP) $(TRITON36_DIR)/.installed
+	PYTHONPATH=$(TRITON36_DIR) TRITON_CACHE_DIR=build/triton_cache_report36 \
+	  $(VPY) -m bench.kernel_report --check --quiet --expect-triton 3.6 --json build/kernel_report_triton36.json
+	PYTHONPATH=$(TRITON36_DIR) TRITON_CACHE_DIR=build/triton_cache_aot36 $(VPY) tests/ops/_triton_aot.py 90 \
+	  > build/triton36_aot.log 2>&1 || { tail -40 build/triton36_aot.log; exit 1; }
+	@tail -1 build/triton36_aot.log
