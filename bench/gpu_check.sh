@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
-# bench/gpu_check.sh OUTDIR — everything that needs a CUDA GPU, in one run of < 10 minutes
-# (DESIGN §8). Needs only torch + triton (pytest for step 3) in the active Python.
+# bench/gpu_check.sh [--dry-run] OUTDIR — everything that needs a CUDA GPU, in one run of < 10
+# minutes from a cold Triton cache (DESIGN §8). Needs only torch + triton + pytest in the active
+# Python (the device machine has no deepspeed, open_clip, DALI, webdataset).
 #
-#   1. environment: nvidia-smi, versions, `python -m msclip_fast.info --json`
-#   2. build the extension when csrc/ holds sources: pip install --no-build-isolation -e .
-#   3. pytest -m gpu: the op tests (Triton kernels vs float64 references) on CUDA tensors
-#   4. bench/bench_ops.py at CLIP shapes (bf16), JSON + table
-#   5. bench/bench_loss.py on CUDA, when present (short sizes)
+#   1. env         nvidia-smi, versions, `python -m msclip_fast.info --json`
+#   2. build       bench/gpu_build.py: toolchain checks, setup.py build_ext --inplace (no pip)
+#   3. pytest_gpu  bench/gpu_pytest.py: every gpu-marked test, in parallel shares, Triton compile count
+#   4. bench_ops   bench/bench_ops.py at CLIP shapes (bf16), JSON
+#   5. bench_loss  bench/bench_loss.py (fails when a backend errors or disagrees with float64), JSON
+#   then bench/gpu_summary.py writes OUTDIR/summary.json and OUTDIR/summary.md.
 #
-# Each step writes OUTDIR/<step>.log as it runs and its exit status to OUTDIR/status.txt; a
-# failing step does not stop the later ones (their logs are kept either way); the script
-# exits non-zero when any step failed. Per-step time limits keep the total under 10 minutes.
+# --dry-run runs the same steps on the CPU (interpreter, tiny sizes; a CPU-only build into
+# OUTDIR) so that the script itself is tested in CI, and checks the predicted compile count
+# against bench/gpu_budget.json, from which the GPU run budgets its pytest step.
+# Each step writes OUTDIR/<step>.log; a failing step does not stop the later ones; the script
+# exits non-zero when any step failed.
 set -euo pipefail
 
+DRY=0
+if [[ "${1:-}" == "--dry-run" ]]; then DRY=1; shift; fi
 if [[ $# -ne 1 ]]; then
-  echo "usage: $0 OUTDIR" >&2
+  echo "usage: $0 [--dry-run] OUTDIR" >&2
   exit 2
 fi
 OUT=$(mkdir -p "$1" && cd "$1" && pwd)
@@ -24,28 +30,44 @@ cd "$ROOT"
 if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON
 elif [[ -x "$ROOT/.venv/bin/python" ]]; then PY=$ROOT/.venv/bin/python
 else PY=$(command -v python3 || command -v python); fi
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # works even if the install step fails
-unset TRITON_INTERPRET                                 # real GPU kernels, never the interpreter
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # run from the tree: nothing is pip-installed
+if [[ $DRY == 1 ]]; then
+  export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
+  DEV=cpu
+else
+  unset TRITON_INTERPRET                               # real GPU kernels, never the interpreter
+  DEV=cuda
+fi
+# a fresh cache outside OUTDIR: the run is cold by construction and its compiles can be counted
+if [[ -n "${GPU_CHECK_TRITON_CACHE:-}" ]]; then export TRITON_CACHE_DIR=$GPU_CHECK_TRITON_CACHE; OWN_CACHE=0
+else export TRITON_CACHE_DIR=$(mktemp -d "${TMPDIR:-/tmp}/msclip_triton_cache.XXXXXX"); OWN_CACHE=1; fi
 START=$(date +%s)
-FAILED=0
+LIMIT_TOTAL=${GPU_CHECK_LIMIT_S:-570}
 : >"$OUT/status.txt"
+eval "$("$PY" -c "
+import json
+b = json.load(open('bench/gpu_budget.json'))
+print(f\"BUDGET_COMPILES={b['compiles']} BUDGET_SPC={b['seconds_per_compile']} BUDGET_TESTS={b['test_seconds']} JOBS={b['jobs']}\")
+")"
+PYTEST_LIMIT=$("$PY" -c "import math; print(math.ceil(1.5 * ($BUDGET_TESTS + $BUDGET_COMPILES * $BUDGET_SPC / $JOBS)))")
+if [[ $DRY == 1 ]]; then JOBS=1; PYTEST_LIMIT=900; fi   # 2 CPU cores, the interpreter: no budget to keep
+echo "budget: ${BUDGET_COMPILES} Triton compiles x ${BUDGET_SPC}s / ${JOBS} jobs + ${BUDGET_TESTS}s tests -> pytest_gpu limit ${PYTEST_LIMIT}s; total ${LIMIT_TOTAL}s" | tee "$OUT/budget.txt"
 
-# run_step NAME TIMEOUT_S CMD...: log to OUT/NAME.log, record status, never abort the script.
-# CMD may be a function of this script (run in a child bash, since timeout needs a program).
+# run_step NAME TIMEOUT_S CMD...: log to OUT/NAME.log, record "NAME rc=.. ..s limit=..s", never abort
 run_step() {
   local name=$1 limit=$2; shift 2
+  local left=$(( LIMIT_TOTAL - ($(date +%s) - START) ))
+  if (( limit > left )); then limit=$left; fi
+  if (( limit < 20 )); then
+    echo "$name rc=124 0s limit=${limit}s (skipped: ${left}s left of ${LIMIT_TOTAL}s)" | tee -a "$OUT/status.txt"
+    return 0
+  fi
   local t0 rc=0
   t0=$(date +%s)
   echo "== $name: $* (limit ${limit}s)" | tee "$OUT/$name.log"
-  if declare -F "$1" >/dev/null; then
-    timeout --kill-after=10 "$limit" bash -c 'set -euo pipefail; "$@"' _ "$@" >>"$OUT/$name.log" 2>&1 || rc=$?
-  else
-    timeout --kill-after=10 "$limit" "$@" >>"$OUT/$name.log" 2>&1 || rc=$?
-  fi
-  local dt=$(( $(date +%s) - t0 ))
-  echo "$name rc=$rc ${dt}s" | tee -a "$OUT/status.txt"
-  tail -n 5 "$OUT/$name.log" || true
-  if [[ $rc -ne 0 ]]; then FAILED=1; fi
+  timeout --kill-after=10 "$limit" "$@" >>"$OUT/$name.log" 2>&1 || rc=$?
+  echo "$name rc=$rc $(( $(date +%s) - t0 ))s limit=${limit}s" | tee -a "$OUT/status.txt"
+  tail -n 4 "$OUT/$name.log" || true
   return 0
 }
 
@@ -62,56 +84,32 @@ except Exception as e:
     print("triton not importable:", e)
 EOF
   git -C "$ROOT" rev-parse HEAD 2>/dev/null || true
-  "$PY" -m msclip_fast.info --json >"$OUT/info.json" 2>"$OUT/info.stderr" || echo "msclip_fast.info failed"
+  "$PY" -m msclip_fast.info --json >"$OUT/info.json"
 }
-
-build_ext() {
-  if ! compgen -G "csrc/*/*.cpp" >/dev/null && ! compgen -G "csrc/*.cpp" >/dev/null; then
-    echo "csrc/ holds no sources: nothing to build"; return 0
-  fi
-  # CUDA_HOME auto-detection can pick /usr/local; torch's nvidia wheels carry cuBLAS/cuSPARSE
-  # headers (ENVIRONMENT.md); one arch keeps the build short
-  if [[ -z "${CUDA_HOME:-}" && -x /usr/local/cuda/bin/nvcc ]]; then export CUDA_HOME=/usr/local/cuda; fi
-  local inc
-  inc=$("$PY" -c "import os, nvidia; p=os.path.join(list(nvidia.__path__)[0], 'cu13', 'include'); print(p if os.path.isdir(p) else '')" 2>/dev/null || true)
-  if [[ -n "$inc" ]]; then export CPATH="$inc${CPATH:+:$CPATH}"; fi
-  local arch
-  arch=$("$PY" -c "import torch; p=torch.cuda.get_device_capability(); print(f'{p[0]}.{p[1]}')" 2>/dev/null || echo 9.0)
-  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch}
-  export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-  "$PY" -m pip install --no-build-isolation --no-deps -e . \
-    && "$PY" -c "import msclip_fast._C as C; print('extension', C.__file__)"
-}
-
-run_pytest() {
-  if ! "$PY" -c "import pytest" 2>/dev/null; then
-    echo "pytest is not installed in $PY"; return 3
-  fi
-  # other test folders may import packages this machine lacks: keep collecting past them
-  "$PY" -m pytest -m gpu tests -q -rs -p no:cacheprovider --continue-on-collection-errors \
-    --junitxml="$OUT/pytest_gpu.xml"
-}
-
-export -f env_info build_ext run_pytest
+export -f env_info
 export PY OUT ROOT
 
-run_step env 40 env_info
+run_step env 40 bash -c 'set -euo pipefail; env_info'
 if [[ "${GPU_CHECK_SKIP_BUILD:-0}" == 1 ]]; then
-  echo "build skipped (GPU_CHECK_SKIP_BUILD=1)" | tee -a "$OUT/status.txt"
+  echo "build rc=0 0s limit=0s (skipped: GPU_CHECK_SKIP_BUILD=1)" | tee -a "$OUT/status.txt"
+elif [[ $DRY == 1 ]]; then
+  run_step build 600 "$PY" bench/gpu_build.py --dry-run --out "$ROOT/build/gpu_check_dry_run"
 else
-  run_step build 150 build_ext
+  run_step build 180 "$PY" bench/gpu_build.py
 fi
-run_step pytest_gpu 150 run_pytest
-run_step bench_ops 180 "$PY" bench/bench_ops.py --device cuda --json "$OUT/bench_ops.json"
-if [[ -f bench/bench_loss.py ]]; then
-  left=$(( 570 - ($(date +%s) - START) ))
-  if (( left > 30 )); then
-    (( left > 120 )) && left=120
-    run_step bench_loss "$left" "$PY" bench/bench_loss.py --device cuda --sizes 8192,32768 --timeout 60
-  else
-    echo "bench_loss skipped: ${left}s left" | tee -a "$OUT/status.txt"
-  fi
+run_step pytest_gpu "$PYTEST_LIMIT" "$PY" bench/gpu_pytest.py --json "$OUT/pytest_gpu.json" --jobs "$JOBS" \
+  $([[ $DRY == 1 ]] && echo --dry-run)
+if [[ $DRY == 1 ]]; then
+  run_step bench_ops 120 "$PY" bench/bench_ops.py --device cpu --smoke --json "$OUT/bench_ops.json"
+  run_step bench_loss 120 "$PY" bench/bench_loss.py --device cpu --sizes 256,512 --timeout 60 --json "$OUT/bench_loss.json"
+else
+  run_step bench_ops 150 "$PY" bench/bench_ops.py --device cuda --json "$OUT/bench_ops.json"
+  run_step bench_loss 150 "$PY" bench/bench_loss.py --device cuda --dtype bf16 --sizes 8192,32768 --timeout 60 \
+    --json "$OUT/bench_loss.json"
 fi
+if [[ $OWN_CACHE == 1 ]]; then rm -rf "${TRITON_CACHE_DIR:?}" 2>/dev/null || true; fi
 
+FAILED=0
+"$PY" bench/gpu_summary.py "$OUT" --total-s $(( $(date +%s) - START )) $([[ $DRY == 1 ]] && echo --dry-run) || FAILED=1
 echo "total $(( $(date +%s) - START ))s; failed=$FAILED" | tee -a "$OUT/status.txt"
 exit "$FAILED"

@@ -159,7 +159,8 @@ def resolve_ds_config(path: str | None, args, world_size: int, device_type: str)
     ``--accum-steps`` (a differing number is overridden with a warning);
     ``gradient_clipping`` follows ``--grad-clip`` when given, else the config's explicit value,
     else 1.0 (DeepSpeed's own silent default, made visible). ``--precision`` (when given)
-    rewrites the bf16/fp16 sections; otherwise it is read from them into ``args.precision``.
+    rewrites the bf16/fp16 sections; otherwise it is read from them into ``args.precision``
+    (neither enabled: bf16 on a GPU, fp32 on the CPU).
 
     Raises:
         ValueError: unreadable config, an ``optimizer``/``scheduler`` section (train.py builds
@@ -191,8 +192,11 @@ def resolve_ds_config(path: str | None, args, world_size: int, device_type: str)
     cfg["gradient_clipping"] = float(clip)
     args.grad_clip = float(clip)
     if args.precision is None:
+        # a config that enables neither trains in bf16 with fp32 master weights on a GPU (fp32
+        # GEMMs there forgo the tensor cores) and in fp32 on the CPU
         args.precision = ("bf16" if cfg.get("bf16", {}).get("enabled") else
-                          "fp16" if cfg.get("fp16", {}).get("enabled") else "fp32")
+                          "fp16" if cfg.get("fp16", {}).get("enabled") else
+                          "bf16" if device_type == "cuda" else "fp32")
     for name in ("bf16", "fp16"):
         section = dict(cfg.get(name, {}))
         section["enabled"] = args.precision == name

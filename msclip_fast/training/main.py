@@ -184,7 +184,7 @@ def _train(args, rank: int, world_size: int, local_rank: int, distributed: bool)
                          "to continue it, or choose a new --output")
     ds_config = resolve_ds_config(args.ds_config, args, world_size, device.type) if distributed else None
     if not distributed:
-        args.precision = args.precision or "fp32"
+        args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")  # see --precision
         if args.precision == "fp16" and device.type == "cpu":
             raise ValueError("--precision fp16 needs a CUDA device (no fp16 training on the CPU); use bf16")
 

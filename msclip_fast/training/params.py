@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="max global grad norm (0: off). Default: the ds config's gradient_clipping, "
                    "else 1.0")
     g.add_argument("--precision", choices=PRECISIONS, default=None,
-                   help="default: bf16 when the ds config enables it, else fp32")
+                   help="default: what the ds config enables, else bf16 autocast with fp32 master "
+                   "weights on a GPU and fp32 on the CPU")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--lock-image", action="store_true", help="freeze the image tower (open_clip style)")
     g.add_argument("--lock-text", action="store_true", help="freeze the text tower")
