@@ -1,39 +1,72 @@
-"""Benchmark of the contrastive loss: time and peak memory of forward+backward.
+"""Benchmark of the contrastive loss: time and peak memory of forward+backward, after a check
+that every implementation computes the right thing.
 
-Compares, in one run and on the same inputs (N x D fp32, L2-normalized, scale 100):
+Compares, in one run and on the same inputs (N x D features in --dtype, L2-normalized, scale 100):
   fused      msclip_fast.ops.contrastive_loss(backend="cpu" or "cuda"): the _C extension
-  triton     msclip_fast.ops.contrastive_loss(backend="triton"): kernels/contrastive.py (CUDA only;
-             dropped with --device cpu, where it would run in the interpreter)
-  reference  msclip_fast.ops.contrastive_loss_ref (materializes the N x N logits)
-  open_clip  open_clip.loss.ClipLoss (when installed)
+  triton     msclip_fast.ops.contrastive_loss(backend="triton"): kernels/contrastive.py (CUDA
+             only: with --device cpu it would run in the Triton interpreter, which is a
+             correctness tool, not something to time)
+  reference  msclip_fast.ops.contrastive_loss_ref (plain PyTorch, materializes the N x N logits)
+  open_clip  open_clip.loss.ClipLoss (when installed; its loss.py is loaded from its file, so the
+             open_clip package's heavy import (torchvision, timm, ...) is not paid per process)
+  LABEL=MODULE:FUNCTION   any importable ``fn(img, txt, scale) -> loss`` (another peer, or a test's
+             fake implementation)
+
+Correctness first: each implementation runs forward+backward at N = --check-n (512) and its
+loss and its img/txt/scale gradients are compared with the float64 reference on the same
+(rounded) inputs; relative error ||out - ref|| / ||ref|| must stay within DESIGN §7's bound for
+the dtype (fp32 1e-4, fp16 2e-3, bf16 1.6e-2). An implementation that fails the check is not
+timed.
+
 Each (implementation, N) runs in a fresh subprocess so its peak memory is its own: peak RSS over
 the process's RSS just before the call (CPU; Linux VmHWM reset through /proc/self/clear_refs), or
 torch.cuda.max_memory_allocated over the inputs (CUDA). Sizes whose naive N x N buffers would not
-fit in --max-mem-gib are skipped for the materializing implementations.
+fit in --max-mem-gib are not run for the materializing implementations.
 
-    python bench/bench_loss.py --sizes 4096,8192,16384,32768 [--device cpu] [--write bench/RESULTS.md]
+Outcome of every (implementation, N): "ok" (measured), "not_run" (cannot run on this machine:
+extension not built, open_clip not installed, triton on the CPU, N x N logits do not fit) or
+"failed" (raised, crashed, timed out, or disagreed with the reference). The script writes
+what it measured (--json, and the table on stdout) and then exits 1 when anything failed,
+naming each failing implementation and its error; 0 otherwise.
 
-Writes (or replaces) only the "## Contrastive loss" section of RESULTS.md.
+    python bench/bench_loss.py --sizes 4096,8192,16384 --json bench/results/loss-cpu-fp32.json
+    python bench/bench_loss.py --device cuda --dtype bf16 --sizes 8192,32768 --timeout 60 --json out.json
+    python bench/bench_loss.py --device cpu --sizes 256,512 --timeout 60 --json /tmp/loss.json   # dry run
+
+``python -m bench.report`` turns the JSON into bench/RESULTS.md (schema: bench/report.py).
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SECTION = "## Contrastive loss"
+if str(Path(__file__).resolve().parent) not in sys.path:  # find bench/_common.py also when loaded by path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
 
+ROOT = _common.ROOT
+BUILTIN = ("fused", "triton", "reference", "open_clip")
+OURS = ("fused", "triton")  # fused implementations; the others are peers
+PEERS = ("open_clip", "reference")
+DTYPES = ("fp32", "bf16", "fp16")
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-3, "bf16": 1.6e-2}  # DESIGN §7, matmul-based ops
+SCALE = 100.0
+
+# One (implementation, N) in a fresh process. argv: spec n d device dtype repeats check_n
+# (check_n 0: no check; n 0: no timing). Prints one JSON line: {"time_s", "peak_mib"} and/or
+# {"check": {...}}. Timing runs first (so the check does not raise the memory baseline), the
+# check after it; the parent asks for the check before timing any larger size.
 _CHILD = r"""
-import json, sys, time, torch
+import importlib, importlib.util, json, sys, time
+import torch
 import torch.nn.functional as F
-impl, n, d, device, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+spec, n, d, device, dtype_name, repeats, check_n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], int(sys.argv[6]), int(sys.argv[7])
+dtype = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}[dtype_name]
 from msclip_fast import ops
 
 def status(key):
@@ -41,171 +74,326 @@ def status(key):
         if line.startswith(key):
             return int(line.split()[1]) * 1024
 
-if impl == 'fused':
+def load_open_clip_loss():
+    # open_clip/loss.py imports only torch; importing it through the package would import
+    # torchvision, timm, ... (~4 s per process)
+    try:
+        path = importlib.util.find_spec('open_clip').submodule_search_locations[0] + '/loss.py'
+        s = importlib.util.spec_from_file_location('_open_clip_loss', path)
+        mod = importlib.util.module_from_spec(s); s.loader.exec_module(mod)
+        return mod
+    except Exception:
+        return importlib.import_module('open_clip.loss')
+
+if spec == 'fused':
     fn = lambda a, b, s: ops.contrastive_loss(a, b, s, backend='cuda' if device == 'cuda' else 'cpu')
-elif impl == 'triton':
+elif spec == 'triton':
     fn = lambda a, b, s: ops.contrastive_loss(a, b, s, backend='triton')
-elif impl == 'reference':
+elif spec == 'reference':
     fn = ops.contrastive_loss_ref
-else:
-    from open_clip.loss import ClipLoss
-    loss_mod = ClipLoss()
+elif spec == 'open_clip':
+    loss_mod = load_open_clip_loss().ClipLoss()
     fn = lambda a, b, s: loss_mod(a, b, s)
+else:
+    module, _, attr = spec.partition(':')
+    fn = getattr(importlib.import_module(module), attr)
 
-def step(a, b, s):
+def features(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    img = F.normalize(torch.randn(n, d, generator=g), dim=-1).to(dtype)
+    txt = F.normalize(torch.randn(n, d, generator=g), dim=-1).to(dtype)
+    return img, txt
+
+def step(a, b, s, f=None):
     a = a.detach().requires_grad_(); b = b.detach().requires_grad_(); s = s.detach().requires_grad_()
-    fn(a, b, s).backward()
-    return a.grad, b.grad
+    loss = (f or fn)(a, b, s)
+    loss.backward()
+    return loss.detach(), a.grad, b.grad, s.grad
 
-g = torch.Generator().manual_seed(0)
-img = F.normalize(torch.randn(n, d, generator=g), dim=-1).to(device)
-txt = F.normalize(torch.randn(n, d, generator=g), dim=-1).to(device)
-scale = torch.tensor(100.0, device=device)
-step(img[:256], txt[:256], scale)  # warm-up: BLAS/OpenMP/CUDA context
 sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
-times = []
-for r in range(repeats):
-    if device == 'cuda':
-        torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
-    else:
-        base = status('VmRSS:'); open('/proc/self/clear_refs', 'w').write('5')
-    sync(); t = time.perf_counter()
-    gi, gt = step(img, txt, scale)
-    sync(); times.append(time.perf_counter() - t)
-    peak = (torch.cuda.max_memory_allocated() if device == 'cuda' else status('VmHWM:')) - base
-    del gi, gt
-print(json.dumps({'time_s': min(times), 'peak_mib': peak / 2**20}))
+out = {}
+if n > 0:
+    img, txt = (t.to(device) for t in features(n, 0))
+    scale = torch.tensor(100.0, device=device)
+    # warm-up: BLAS/OpenMP/CUDA context; on CUDA at the full size (kernel compiles, allocator)
+    step(img, txt, scale) if device == 'cuda' else step(img[:256], txt[:256], scale)
+    times = []
+    for r in range(repeats):
+        if device == 'cuda':
+            torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
+        else:
+            base = status('VmRSS:'); open('/proc/self/clear_refs', 'w').write('5')
+        sync(); t = time.perf_counter()
+        res = step(img, txt, scale)
+        sync(); times.append(time.perf_counter() - t)
+        peak = (torch.cuda.max_memory_allocated() if device == 'cuda' else status('VmHWM:')) - base
+        del res
+    out.update(time_s=min(times), peak_mib=peak / 2**20)
+    del img, txt
+if check_n > 0:
+    img, txt = features(check_n, 1)  # rounded to dtype; the float64 reference sees the same values
+    scale = torch.tensor(100.0)
+    ref = step(img.double(), txt.double(), scale.double(), ops.contrastive_loss_ref)  # float64
+    got = step(img.to(device), txt.to(device), scale.to(device))
+    def rel(x, r):
+        if x is None:
+            return float('inf')
+        x = x.detach().double().cpu().reshape(r.shape)
+        den = r.norm().item()
+        err = (x - r).norm().item()
+        return err / den if den > 0 else err
+    errs = {k: rel(x, r) for k, x, r in zip(('loss', 'grad_img', 'grad_txt', 'grad_scale'), got, ref)}
+    out['check'] = {'n': check_n, 'loss': got[0].double().item(), 'ref_loss': ref[0].item(),
+                    **{k + '_rel_err': v for k, v in errs.items()}}
+print(json.dumps(out))
 """
 
 
-def run_one(impl, n, d, device, repeats, timeout):
+def parse_impls(text: str) -> list[tuple[str, str]]:
+    """``fused,reference,bad=pkg.mod:fn`` -> [(label, spec)]: builtin names, or ``LABEL=MODULE:FN``
+    / ``MODULE:FN`` (label FN) for an importable ``fn(img, txt, scale) -> loss``."""
+    out = []
+    for item in (s.strip() for s in text.split(",")):
+        if not item:
+            continue
+        label, _, spec = item.rpartition("=") if "=" in item else ("", "", item)
+        if spec in BUILTIN:
+            label = label or spec
+        elif ":" in spec and all(spec.partition(":")[::2]):
+            label = label or spec.partition(":")[2]
+        else:
+            raise ValueError(f"--impls: {item!r} is neither one of {BUILTIN} nor LABEL=MODULE:FUNCTION")
+        if label in (lab for lab, _ in out):
+            raise ValueError(f"--impls: label {label!r} given twice")
+        out.append((label, spec))
+    if not out:
+        raise ValueError("--impls is empty")
+    return out
+
+
+def unavailable(spec: str, device: str) -> str | None:
+    """Why builtin implementation ``spec`` cannot run on this machine (None: it can)."""
+    if spec == "fused":
+        from msclip_fast.ops import contrastive_fused as cf
+
+        reasons = cf.cuda_available() if device == "cuda" else cf.cpu_available()
+        return "; ".join(reasons) or None
+    if spec == "triton":
+        if device != "cuda":
+            return "Triton runs CPU tensors only in its interpreter (a correctness tool, not timed)"
+        from msclip_fast.ops._triton import triton_available
+
+        return "; ".join(triton_available()) or None
+    if spec == "open_clip" and not _common.installed("open_clip"):
+        return "open_clip is not installed"
+    return None
+
+
+def run_child(spec, n, d, device, dtype, repeats, check_n, timeout) -> dict:
+    """Run one child; returns its JSON, or {"error": ...} (raised, crashed, timed out)."""
     env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "passive"))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    cmd = [sys.executable, "-c", _CHILD, spec, str(n), str(d), device, dtype, str(repeats), str(check_n)]
     try:
-        out = subprocess.run([sys.executable, "-c", _CHILD, impl, str(n), str(d), device, str(repeats)],
-                             capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     except subprocess.TimeoutExpired:
-        return {"skipped": f"timeout {timeout}s"}
+        return {"error": f"timed out after {timeout} s (--timeout)"}
     if out.returncode != 0:
-        return {"skipped": "failed: " + (out.stderr.strip().splitlines() or ["?"])[-1][:120]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        lines = out.stderr.strip().splitlines() or [f"exit status {out.returncode}, no output"]
+        err = lines[-1][:300]
+        if out.returncode < 0:
+            err = f"killed by signal {-out.returncode}; " + err
+        return {"error": err, "stderr_tail": "\n".join(lines[-15:])[-3000:]}
+    try:
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {"error": f"no result line in the child's output: {out.stdout[-200:]!r}"}
 
 
-def naive_bytes(n):
+def naive_bytes(n: int) -> int:
     # logits, two softmax outputs / their gradients: about four N x N fp32 buffers at the peak
     return 4 * 4 * n * n
 
 
-def mem_available_gib():
+def memory_limit_gib(device: str) -> float:
+    """80% of the memory the materializing implementations may use: free GPU memory (CUDA) or
+    MemAvailable (CPU)."""
+    if device == "cuda":
+        import torch
+
+        free, _total = torch.cuda.mem_get_info()
+        return 0.8 * free / 2**30
     try:
         for line in open("/proc/meminfo"):
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 2**20
+                return 0.8 * int(line.split()[1]) / 2**20
     except OSError:
         pass
     return 8.0
 
 
-def machine(device):
+def check_result(label: str, dtype: str, res: dict) -> dict:
+    """The check row of one implementation from its child's output."""
+    tol = TOLERANCE[dtype]
+    if "error" in res:
+        return {"impl": label, "status": "failed", "tol": tol, "reason": res["error"],
+                "stderr_tail": res.get("stderr_tail")}
+    c = res["check"]
+    errs = {k: c[k] for k in ("loss_rel_err", "grad_img_rel_err", "grad_txt_rel_err", "grad_scale_rel_err")}
+    worst = max(v if v == v else float("inf") for v in errs.values())  # NaN counts as the worst
+    row = {"impl": label, "n": c["n"], "tol": tol, **{k: _common.finite(v) for k, v in errs.items()},
+           "max_rel_err": _common.finite(worst), "loss": _common.finite(c["loss"]),
+           "ref_loss": _common.finite(c["ref_loss"])}
+    bad = [f"{k.replace('_rel_err', '')} {v:.2e}" for k, v in errs.items() if not v <= tol]
+    if bad:
+        row.update(status="failed", reason=f"disagrees with the float64 reference at N={c['n']}: "
+                   f"relative error {', '.join(bad)} > {tol:g} ({dtype})")
+    else:
+        row["status"] = "ok"
+    return row
+
+
+def headline(rows: list[dict], checks: list[dict]) -> dict:
+    """Ratios at the largest N where both sides were measured: ``loss_<ours>_vs_<peer>_time_N<n>``
+    = peer time / ours, ``..._mem_N<n>`` = peer peak MiB / ours (> 1: ours better); plus
+    ``loss_<impl>_max_rel_err`` from the check."""
+    ok = {(r["impl"], r["n"]): r for r in rows if r["status"] == "ok"}
+    out = {}
+    for ours in OURS:
+        for peer in PEERS:
+            common = sorted(n for (i, n) in ok if i == ours and (peer, n) in ok)
+            if not common:
+                continue
+            n = common[-1]
+            a, b = ok[(ours, n)], ok[(peer, n)]
+            out[f"loss_{ours}_vs_{peer}_time_N{n}"] = round(b["time_s"] / a["time_s"], 3)
+            if a["peak_mib"] and a["peak_mib"] > 0 and b["peak_mib"] is not None:
+                out[f"loss_{ours}_vs_{peer}_mem_N{n}"] = round(b["peak_mib"] / a["peak_mib"], 2)
+    for c in checks:
+        if c.get("max_rel_err") is not None:
+            out[f"loss_{c['impl']}_max_rel_err"] = float(f"{c['max_rel_err']:.3g}")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="4096,8192,16384,32768,65536", help="comma-separated N")
+    p.add_argument("--dim", type=int, default=512, help="feature width D (default: 512)")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--dtype", default="fp32", choices=DTYPES, help="feature dtype (default: fp32)")
+    p.add_argument("--impls", default=",".join(BUILTIN),
+                   help=f"comma-separated: {', '.join(BUILTIN)} or LABEL=MODULE:FUNCTION")
+    p.add_argument("--repeats", type=int, default=1, help="timed calls per (impl, N); best is kept")
+    p.add_argument("--check-n", type=int, default=512, help="N of the correctness check (0: no check)")
+    p.add_argument("--max-mem-gib", type=float, default=None,
+                   help="do not run materializing implementations whose N x N buffers exceed this "
+                        "(default: 80%% of free memory)")
+    p.add_argument("--timeout", type=int, default=900, help="seconds per (implementation, N) process")
+    p.add_argument("--json", type=Path, default=None, help="write the results here (schema: bench/report.py)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; returns the exit status (1 when an implementation failed)."""
+    p = build_parser()
+    args = p.parse_args(argv)
     import torch
 
-    cpu = platform.processor() or platform.machine()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but CUDA is unavailable")
     try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    desc = (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads),"
-            f" load average {os.getloadavg()[0]:.1f} at the start (other jobs share the cores)")
-    if device == "cuda":
-        desc = f"{torch.cuda.get_device_name()} / " + desc
-    return desc
+        sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
+        impls = parse_impls(args.impls)
+    except ValueError as e:
+        p.error(str(e))
+    if not sizes or min(sizes) < 1 or args.dim < 1 or args.repeats < 1 or args.check_n < 0:
+        p.error("--sizes, --dim and --repeats must be positive and --check-n >= 0")
+    meta = _common.run_meta(device, "bench/bench_loss.py", sys.argv[1:] if argv is None else argv)
+    limit = args.max_mem_gib if args.max_mem_gib is not None else memory_limit_gib(device)
+    t_start = time.perf_counter()
 
+    rows, checks, not_run, failures = [], [], {}, []
 
-def commit():
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-        return sha + (" (+ uncommitted changes)" if dirty else "")
-    except OSError:
-        return "unknown"
+    def record(label, n, status, res=None, reason=None):
+        res = res or {}
+        row = {"impl": label, "n": n, "status": status, "time_s": _common.finite(res.get("time_s")),
+               "peak_mib": _common.finite(res.get("peak_mib")), "reason": reason}
+        if res.get("stderr_tail"):
+            row["stderr_tail"] = res["stderr_tail"]
+        rows.append(row)
+        if status == "failed":
+            failures.append(f"{label} N={n}: {reason}")
+        print(f"N={n} {label}: {status}" + (f" {row['time_s']:.4g} s {row['peak_mib']:.1f} MiB" if status == "ok" else
+                                             f" ({reason})"), flush=True)
 
-
-def write_section(path: Path, text: str):
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(old):
-        new = pattern.sub(lambda _: text, old)
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    path.write_text(new)
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", default="4096,8192,16384,32768,65536")
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--impls", default="fused,triton,reference,open_clip")
-    p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--max-mem-gib", type=float, default=None, help="skip naive sizes above this (default 80%% of MemAvailable)")
-    p.add_argument("--timeout", type=int, default=900, help="seconds per (implementation, N)")
-    p.add_argument("--write", default=None, help="RESULTS.md to update (its Contrastive loss section)")
-    args = p.parse_args(argv)
-    sizes = [int(s) for s in args.sizes.split(",")]
-    impls = args.impls.split(",")
-    if args.device != "cuda" and "triton" in impls:
-        impls.remove("triton")  # the CPU would run it in the Triton interpreter: not a benchmark
-    if "open_clip" in impls:
-        try:
-            import open_clip.loss  # noqa: F401
-        except ImportError:
-            impls.remove("open_clip")
-    limit = args.max_mem_gib or 0.8 * mem_available_gib()
-    rows = []
-    for n in sizes:
-        res = {}
-        for impl in impls:
-            if impl not in ("fused", "triton") and naive_bytes(n) > limit * 2**30:
-                res[impl] = {"skipped": f"needs ~{naive_bytes(n) / 2**30:.0f} GiB > {limit:.0f} GiB"}
+    for label, spec in impls:
+        why = unavailable(spec, device) if spec in BUILTIN else None
+        if why:
+            not_run[label] = why
+            for n in sizes:
+                record(label, n, "not_run", reason=why)
+            checks.append({"impl": label, "status": "not_run", "tol": TOLERANCE[args.dtype], "reason": why})
+            print(f"{label}: not run: {why}", flush=True)
+            continue
+        materializes = spec not in OURS
+        pending = list(sizes)
+        if args.check_n:
+            timed_n = args.check_n if args.check_n in pending else 0
+            if materializes and naive_bytes(args.check_n) > limit * 2**30:
+                timed_n = 0
+            res = run_child(spec, timed_n, args.dim, device, args.dtype, args.repeats, args.check_n, args.timeout)
+            chk = check_result(label, args.dtype, res)
+            checks.append(chk)
+            print(f"{label}: check at N={args.check_n}: {chk['status']}"
+                  + (f" (max relative error {chk['max_rel_err']:.2e} <= {chk['tol']:g})" if chk["status"] == "ok"
+                     else f" ({chk['reason']})"), flush=True)
+            if chk["status"] != "ok":
+                failures.append(f"{label} check: {chk['reason']}")
+                for n in pending:
+                    rows.append({"impl": label, "n": n, "status": "not_run", "time_s": None, "peak_mib": None,
+                                 "reason": "not timed: failed the correctness check"})
+                continue
+            if timed_n:
+                record(label, timed_n, "ok", res)
+                pending.remove(timed_n)
+        failed_at = None
+        for n in pending:
+            if failed_at is not None:
+                rows.append({"impl": label, "n": n, "status": "not_run", "time_s": None, "peak_mib": None,
+                             "reason": f"not attempted: failed at N={failed_at}"})
+                continue
+            if materializes and naive_bytes(n) > limit * 2**30:
+                record(label, n, "not_run",
+                       reason=f"N x N buffers need ~{naive_bytes(n) / 2**30:.1f} GiB > {limit:.1f} GiB allowed")
+                continue
+            res = run_child(spec, n, args.dim, device, args.dtype, args.repeats, 0, args.timeout)
+            if "error" in res:
+                record(label, n, "failed", res, reason=res["error"])
+                failed_at = n
             else:
-                res[impl] = run_one(impl, n, args.dim, args.device, args.repeats, args.timeout)
-            print(n, impl, res[impl], flush=True)
-        rows.append((n, res))
+                record(label, n, "ok", res)
+    order = {lab: i for i, (lab, _) in enumerate(impls)}
+    rows.sort(key=lambda r: (r["n"], order[r["impl"]]))
+    settings = {"sizes": sizes, "dim": args.dim, "dtype": args.dtype, "scale": SCALE, "repeats": args.repeats,
+                "check_n": args.check_n, "timeout_s": args.timeout, "max_mem_gib": round(limit, 2),
+                "impls": [lab for lab, _ in impls], "specs": {lab: spec for lab, spec in impls},
+                "peer_versions": {"open_clip": _common._version("open_clip_torch")},
+                "total_s": round(time.perf_counter() - t_start, 1)}
+    doc = _common.payload("loss", meta, settings, rows, headline(rows, checks), checks=checks,
+                          not_run=not_run, status="failed" if failures else "ok", failures=failures)
+    if args.json:
+        _common.write_json(args.json, doc)
+    import report
 
-    def cell(r, key, fmt):
-        return fmt.format(r[key]) if key in r else "skip"
-
-    lines = [SECTION, "",
-             f"- machine: {machine(args.device)}",
-             f"- command: `python bench/bench_loss.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
-             f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}",
-             f"- commit: {commit()}",
-             f"- fwd+bwd of the symmetric InfoNCE loss, D={args.dim}, fp32, scale 100, device {args.device};"
-             " time = best of --repeats; memory = peak over the process's footprint before the call"
-             " (includes the N x D gradients: 2 x N x D x 4 bytes)", "",
-             "| N | fused s | fused MiB | reference s | reference MiB | open_clip s | open_clip MiB | ref/fused time | open_clip/fused time |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    has_triton = "triton" in impls
-    if has_triton:  # extra columns only where the Triton backend was measured (CUDA)
-        lines[-2] = lines[-2][:-1] + " triton s | triton MiB | open_clip/triton time |"
-        lines[-1] = lines[-1] + "---|---|---|"
-    for n, res in rows:
-        f, r, o = res.get("fused", {}), res.get("reference", {}), res.get("open_clip", {})
-        ratio = lambda x, y=f: f"{x['time_s'] / y['time_s']:.2f}x" if "time_s" in x and "time_s" in y else "-"  # noqa: E731
-        line = (f"| {n} | {cell(f, 'time_s', '{:.2f}')} | {cell(f, 'peak_mib', '{:.0f}')} | "
-                f"{cell(r, 'time_s', '{:.2f}')} | {cell(r, 'peak_mib', '{:.0f}')} | "
-                f"{cell(o, 'time_s', '{:.2f}')} | {cell(o, 'peak_mib', '{:.0f}')} | {ratio(r)} | {ratio(o)} |")
-        if has_triton:
-            t = res.get("triton", {})
-            line += f" {cell(t, 'time_s', '{:.2f}')} | {cell(t, 'peak_mib', '{:.0f}')} | {ratio(o, t)} |"
-        lines.append(line)
-    skips = [f"{n} {k}: {v['skipped']}" for n, res in rows for k, v in res.items() if "skipped" in v]
-    if skips:
-        lines += ["", "Skipped: " + "; ".join(skips) + "."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write:
-        write_section(Path(args.write), text)
+    print()
+    print(report.render_doc(doc, source=str(args.json) if args.json else None, chart=None))
+    if failures:
+        print("bench_loss: FAILED: " + "; ".join(failures), file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

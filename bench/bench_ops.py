@@ -32,13 +32,9 @@ Timing: ``triton.testing.do_bench`` (median, L2 flushed) on CUDA; ``torch.utils.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import importlib.util
-import json
-import math
-import platform
-import subprocess
+import inspect
 import sys
+import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,7 +46,10 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
+if str(ROOT / "bench") not in sys.path:  # bench/_common.py, bench/report.py
+    sys.path.insert(0, str(ROOT / "bench"))
 
+import _common  # noqa: E402
 from msclip_fast import ops  # noqa: E402
 
 OPS = ("attention", "layer_norm", "bias_act", "ffn")
@@ -61,6 +60,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 class Result:
     op: str
     case: str
+    tag: str  # short case key used by the headline (e.g. "B32": image attention, 50 tokens)
     impl: str
     mode: str  # "fwd" or "fwd+bwd"
     ms: float | None = None
@@ -85,16 +85,23 @@ class Case:
     impls: dict[str, Callable]
     flops: dict[str, float | None]
     bytes: dict[str, float | None]
+    tag: str = ""
 
 
 # ----------------------------------------------------------------------------- timing
 
 
 def _time_ms(fn: Callable[[], object], device: str, min_run_time: float) -> float:
+    """Median milliseconds of ``fn``; ``min_run_time`` <= 0 on the CPU: one timed call (the
+    interpreted Triton path, where one call takes a second and its time means nothing)."""
     if device == "cuda":
         import triton.testing
 
         return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    if min_run_time <= 0:
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
     import torch.utils.benchmark as benchmark
 
     m = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
@@ -112,11 +119,16 @@ def _fwd_bwd(fwd: Callable, inputs: list[torch.Tensor]) -> Callable[[], None]:
     return step
 
 
-def _measure(case: Case, device: str, min_run_time: float, modes=("fwd", "fwd+bwd")) -> list[Result]:
+def _measure(case: Case, device: str, min_run_time: float, modes=("fwd", "fwd+bwd"),
+             single_call_ours: bool = False) -> list[Result]:
+    """Time every implementation of ``case`` in every mode; ``single_call_ours``: time ours
+    by its first call alone, without warm-up (the CPU interpreter: a call takes seconds and
+    its time means nothing; the point is that the GPU code path runs)."""
     results = []
+    ours = next(iter(case.impls))
     for impl, make in case.impls.items():
         for mode in modes:
-            r = Result(case.op, case.name, impl, mode)
+            r = Result(case.op, case.name, case.tag, impl, mode)
             try:
                 grad = mode == "fwd+bwd"
                 fwd, inputs = make(grad)
@@ -126,15 +138,18 @@ def _measure(case: Case, device: str, min_run_time: float, modes=("fwd", "fwd+bw
                     def fn(fwd=fwd):
                         with torch.no_grad():
                             return fwd()
-                fn()  # compile / warm up, and fail here rather than inside the timer
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    base = torch.cuda.memory_allocated()
-                    fn()
-                    torch.cuda.synchronize()
-                    r.peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
-                r.ms = _time_ms(fn, device, min_run_time)
+                if single_call_ours and impl == ours:
+                    r.ms = _time_ms(fn, device, 0.0)
+                else:
+                    fn()  # compile / warm up, and fail here rather than inside the timer
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats()
+                        base = torch.cuda.memory_allocated()
+                        fn()
+                        torch.cuda.synchronize()
+                        r.peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
+                    r.ms = _time_ms(fn, device, min_run_time)
                 fl, by = case.flops.get(mode), case.bytes.get(mode)
                 if fl:
                     r.tflops = fl / (r.ms * 1e-3) / 1e12
@@ -147,7 +162,6 @@ def _measure(case: Case, device: str, min_run_time: float, modes=("fwd", "fwd+bw
                 if device == "cuda":
                     torch.cuda.empty_cache()
             results.append(r)
-    ours = next(iter(case.impls))
     for mode in modes:
         base = next((r.ms for r in results if r.impl == ours and r.mode == mode and r.ms), None)
         for r in results:
@@ -168,11 +182,24 @@ def _sdpa_backends():
     return {k: (sdpa_kernel, getattr(SDPBackend, v)) for k, v in names.items() if hasattr(SDPBackend, v)}
 
 
-def _ours_backend(device: str) -> str:
-    return "triton" if device == "cuda" else "auto"
+def default_backend(device: str) -> str:
+    """Ours: the Triton kernels on CUDA, and on the CPU when Triton's interpreter is on
+    (``TRITON_INTERPRET=1``: the GPU code path runs, slowly); else "auto" (reference / C++)."""
+    if device == "cuda":
+        return "triton"
+    from msclip_fast.ops._triton import interpreting, triton_available
+
+    return "triton" if interpreting() and not triton_available() else "auto"
 
 
-def attention_cases(device, dtype, batch_scale: float, smoke: bool) -> list[Case]:
+def _accepts(fn, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def attention_cases(device, dtype, batch_scale: float, smoke: bool, backend: str) -> list[Case]:
     H, K = (2, 64) if smoke else (12, 64)
     shapes = (
         [("image B2 L50", 2, 50, False), ("text B2 L77 causal", 2, 77, True)]
@@ -187,6 +214,7 @@ def attention_cases(device, dtype, batch_scale: float, smoke: bool) -> list[Case
     esize = torch.tensor([], dtype=dtype).element_size()
     cases = []
     sdpa = _sdpa_backends()
+    tags = {50: "B32", 197: "B16", 257: "L257", 77: "text77"}
     for name, B, L, causal in shapes:
         B = max(1, int(B * batch_scale))
 
@@ -197,7 +225,7 @@ def attention_cases(device, dtype, batch_scale: float, smoke: bool) -> list[Case
 
         def ours(grad, causal=causal, mk=mk):
             q, k, v = mk(grad)
-            return (lambda: ops.attention(q, k, v, causal=causal, backend=_ours_backend(device))), [q, k, v]
+            return (lambda: ops.attention(q, k, v, causal=causal, backend=backend)), [q, k, v]
 
         impls["ours"] = ours
         for bname, (ctx, be) in sdpa.items():
@@ -214,7 +242,7 @@ def attention_cases(device, dtype, batch_scale: float, smoke: bool) -> list[Case
                 return f, [q, k, v]
 
             impls[f"sdpa-{bname}"] = peer
-        if device == "cuda" and importlib.util.find_spec("xformers") is not None:
+        if device == "cuda" and _common.installed("xformers"):
             def xf(grad, causal=causal, mk=mk):
                 q, k, v = mk(grad)
                 return (lambda: ops.attention(q, k, v, causal=causal, backend="xformers")), [q, k, v]
@@ -223,7 +251,7 @@ def attention_cases(device, dtype, batch_scale: float, smoke: bool) -> list[Case
         fwd_flops = 4.0 * B * H * L * L * K * (0.5 if causal else 1.0)
         n = B * H * L * K * esize
         cases.append(Case("attention", name, impls, {"fwd": fwd_flops, "fwd+bwd": 3.5 * fwd_flops},
-                          {"fwd": 4 * n, "fwd+bwd": 12 * n}))
+                          {"fwd": 4 * n, "fwd+bwd": 12 * n}, tag=tags[L]))
     # packed: images then texts, one varlen call with per-sequence causal flags
     Bp = 2 if smoke else max(1, int(1024 * batch_scale))
     Li, Lt = 50, 77
@@ -237,9 +265,12 @@ def attention_cases(device, dtype, batch_scale: float, smoke: bool) -> list[Case
     def mkp(grad):
         return [torch.randn(T, H, K, device=device, dtype=dtype, requires_grad=grad) for _ in range(3)]
 
+    # the packed batch knows its longest sequence on the host: pass it (no device sync per call)
+    seqlen_kw = {"max_seqlen": max(Li, Lt)} if _accepts(ops.attention, "max_seqlen") else {}
+
     def packed_ours(grad):
         q, k, v = mkp(grad)
-        return (lambda: ops.attention(q, k, v, cu_seqlens=cu, causal=flags, backend=_ours_backend(device))), [q, k, v]
+        return (lambda: ops.attention(q, k, v, cu_seqlens=cu, causal=flags, backend=backend, **seqlen_kw)), [q, k, v]
 
     def two_calls(ctx_be=None):
         def make(grad):
@@ -268,11 +299,12 @@ def attention_cases(device, dtype, batch_scale: float, smoke: bool) -> list[Case
     fwd_flops = 4.0 * Bp * H * K * (Li * Li + 0.5 * Lt * Lt)
     n = T * H * K * esize
     cases.append(Case("attention", f"packed {Bp}x{Li}+{Bp}x{Lt} mixed causal", impls,
-                      {"fwd": fwd_flops, "fwd+bwd": 3.5 * fwd_flops}, {"fwd": 4 * n, "fwd+bwd": 12 * n}))
+                      {"fwd": fwd_flops, "fwd+bwd": 3.5 * fwd_flops}, {"fwd": 4 * n, "fwd+bwd": 12 * n},
+                      tag="packed"))
     return cases
 
 
-def layer_norm_cases(device, dtype, batch_scale: float, smoke: bool) -> list[Case]:
+def layer_norm_cases(device, dtype, batch_scale: float, smoke: bool, backend: str) -> list[Case]:
     D = 768
     B = 2 if smoke else max(1, int(1024 * batch_scale))
     n_img, n_txt = B * 50, B * 77
@@ -289,7 +321,7 @@ def layer_norm_cases(device, dtype, batch_scale: float, smoke: bool) -> list[Cas
 
     def ours(grad):
         x, r, w, b = mk(grad)
-        return (lambda: ops.modality_layer_norm(x, w, b, ids, residual=r, backend=_ours_backend(device))), [x, r, w, b]
+        return (lambda: ops.modality_layer_norm(x, w, b, ids, residual=r, backend=backend)), [x, r, w, b]
 
     def torch_two(grad):
         x, r, w, b = mk(grad)
@@ -312,7 +344,7 @@ def layer_norm_cases(device, dtype, batch_scale: float, smoke: bool) -> list[Cas
         return f, [x, r, w, b]
 
     impls = {"ours": ours, "torch add+2xLN+cat": torch_two, "torch add+LN (1 modality)": torch_one}
-    if device == "cuda" and importlib.util.find_spec("apex") is not None:
+    if device == "cuda" and _common.installed("apex"):
         def apex_ln(grad):
             from apex.normalization import FusedLayerNorm
 
@@ -321,7 +353,7 @@ def layer_norm_cases(device, dtype, batch_scale: float, smoke: bool) -> list[Cas
             return (lambda: (m(x + r), x + r)), [x, r]
 
         impls["apex add+LN (1 modality)"] = apex_ln
-    if device == "cuda" and importlib.util.find_spec("liger_kernel") is not None:
+    if device == "cuda" and _common.installed("liger_kernel"):
         def liger_ln(grad):
             from liger_kernel.transformers import LigerLayerNorm
 
@@ -333,7 +365,7 @@ def layer_norm_cases(device, dtype, batch_scale: float, smoke: bool) -> list[Cas
     n = T * D * esize
     # fwd: read x, r; write out, sum. bwd: read dy, dsum, sum; write dx (= dresidual)
     return [Case("layer_norm", f"packed {n_img}+{n_txt} rows x {D}, residual", impls,
-                 {"fwd": None, "fwd+bwd": None}, {"fwd": 4 * n, "fwd+bwd": 8 * n})]
+                 {"fwd": None, "fwd+bwd": None}, {"fwd": 4 * n, "fwd+bwd": 8 * n}, tag="packed_residual")]
 
 
 def _torch_act(h, act):
@@ -342,7 +374,7 @@ def _torch_act(h, act):
     return F.gelu(h, approximate="tanh" if act == "gelu_tanh" else "none")
 
 
-def bias_act_cases(device, dtype, batch_scale: float, smoke: bool) -> list[Case]:
+def bias_act_cases(device, dtype, batch_scale: float, smoke: bool, backend: str) -> list[Case]:
     N = 3072
     B = 2 if smoke else max(1, int(1024 * batch_scale))
     T = B * (50 + 77)
@@ -355,7 +387,7 @@ def bias_act_cases(device, dtype, batch_scale: float, smoke: bool) -> list[Case]
 
         def ours(grad, act=act, mk=mk):
             x, b = mk(grad)
-            return (lambda: ops.bias_act(x, b, act=act, backend=_ours_backend(device))), [x, b]
+            return (lambda: ops.bias_act(x, b, act=act, backend=backend)), [x, b]
 
         def eager(grad, act=act, mk=mk):
             x, b = mk(grad)
@@ -363,11 +395,11 @@ def bias_act_cases(device, dtype, batch_scale: float, smoke: bool) -> list[Case]
 
         n = T * N * esize
         cases.append(Case("bias_act", f"{act} {T}x{N}", {"ours": ours, "torch eager": eager},
-                          {"fwd": None, "fwd+bwd": None}, {"fwd": 2 * n, "fwd+bwd": 5 * n}))
+                          {"fwd": None, "fwd+bwd": None}, {"fwd": 2 * n, "fwd+bwd": 5 * n}, tag=act))
     return cases
 
 
-def ffn_cases(device, dtype, batch_scale: float, smoke: bool) -> list[Case]:
+def ffn_cases(device, dtype, batch_scale: float, smoke: bool, backend: str) -> list[Case]:
     D, N = 768, 3072
     B = 2 if smoke else max(1, int(1024 * batch_scale))
     T = B * (50 + 77)
@@ -382,7 +414,7 @@ def ffn_cases(device, dtype, batch_scale: float, smoke: bool) -> list[Case]:
 
     def ours(grad):
         ins = leaves(mk(grad))
-        return (lambda: ops.ffn(*ins, act="quick_gelu", backend=_ours_backend(device))), ins
+        return (lambda: ops.ffn(*ins, act="quick_gelu", backend=backend)), ins
 
     def eager(grad):
         x, w1, b1, w2, b2 = ins = leaves(mk(grad))
@@ -390,7 +422,7 @@ def ffn_cases(device, dtype, batch_scale: float, smoke: bool) -> list[Case]:
 
     fl = 2.0 * 2 * T * D * N
     return [Case("ffn", f"quick_gelu {T}x{D}->{N}->{D}", {"ours": ours, "torch eager": eager},
-                 {"fwd": fl, "fwd+bwd": 3 * fl}, {"fwd": None, "fwd+bwd": None})]
+                 {"fwd": fl, "fwd+bwd": 3 * fl}, {"fwd": None, "fwd+bwd": None}, tag="quick_gelu")]
 
 
 BUILDERS = {"attention": attention_cases, "layer_norm": layer_norm_cases, "bias_act": bias_act_cases, "ffn": ffn_cases}
@@ -399,58 +431,60 @@ BUILDERS = {"attention": attention_cases, "layer_norm": layer_norm_cases, "bias_
 # ----------------------------------------------------------------------------- report
 
 
-def _machine(device: str) -> dict:
-    info = {
-        "date": _dt.datetime.now().isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "device": device,
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-    }
-    try:
-        info["commit"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                                        capture_output=True, text=True, timeout=10).stdout.strip()
-    except Exception:
-        info["commit"] = None
-    for mod in ("triton", "xformers", "apex", "liger_kernel"):
-        try:
-            m = __import__(mod)
-            info[mod] = getattr(m, "__version__", "installed")
-        except Exception:
-            info[mod] = None
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    else:
-        info["cpu_threads"] = torch.get_num_threads()
-    return info
+def _line(r: Result) -> str:
+    """One progress line of a result."""
+    if r.ms is None:
+        return f"{r.op} | {r.case} | {r.impl} | {r.mode} | not run: {r.error}"
+    return (f"{r.op} | {r.case} | {r.impl} | {r.mode} | {r.ms:.3f} ms"
+            + (f" | x ours {r.ratio:.2f}" if r.ratio else "") + (f" | {r.peak_mib:.0f} MiB" if r.peak_mib else ""))
 
 
-def _fmt(v, spec):
-    return "" if v is None else format(v, spec)
+PEERS = {  # op -> (headline peer name, does this impl count as that peer for case tag)
+    "attention": ("sdpa", lambda impl, tag: impl.startswith("sdpa") and (("2calls" in impl) == (tag == "packed"))),
+    "layer_norm": ("torch", lambda impl, tag: impl == "torch add+2xLN+cat"),
+    "bias_act": ("torch", lambda impl, tag: impl == "torch eager"),
+    "ffn": ("torch", lambda impl, tag: impl == "torch eager"),
+}
 
 
-def markdown(results: list[Result]) -> str:
-    lines = ["| op | case | impl | mode | ms | TFLOP/s | GB/s | ratio (x ours) | peak MiB | note |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---|"]
-    for r in results:
-        lines.append(
-            f"| {r.op} | {r.case} | {r.impl} | {r.mode} | {_fmt(r.ms, '.3f')} | {_fmt(r.tflops, '.3g')} | "
-            f"{_fmt(r.gbps, '.0f')} | {_fmt(r.ratio, '.2f')} | {_fmt(r.peak_mib, '.0f')} | {r.error or ''} |"
-        )
-    return "\n".join(lines)
+def headline(results: list[Result]) -> dict:
+    """``<op>_fwd_bwd_vs_<peer>_<tag>``: the fastest peer's fwd+bwd time / ours (> 1: ours is
+    faster), e.g. ``attention_fwd_bwd_vs_sdpa_B32``; on CUDA also ``ffn_fwd_bwd_peak_mem_vs_torch``
+    (peer peak MiB / ours)."""
+    out = {}
+    cases = dict.fromkeys((r.op, r.case, r.tag) for r in results if r.impl != "*")
+    for op, case, tag in cases:
+        rs = [r for r in results if r.op == op and r.case == case and r.mode == "fwd+bwd"]
+        ours = next((r for r in rs if r.impl == "ours" and r.ms), None)
+        peer_name, is_peer = PEERS[op]
+        peers = [r for r in rs if r.impl != "ours" and r.ms and is_peer(r.impl, tag)]
+        if not ours or not peers:
+            continue
+        out[f"{op}_fwd_bwd_vs_{peer_name}_{tag}"] = round(min(p.ms for p in peers) / ours.ms, 3)
+        if op == "ffn" and ours.peak_mib and all(p.peak_mib for p in peers):
+            out[f"ffn_fwd_bwd_peak_mem_vs_{peer_name}"] = round(min(p.peak_mib for p in peers) / ours.peak_mib, 3)
+    return out
 
 
-def main(argv=None) -> list[Result]:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {OPS}")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--backend", default=None,
+                   help="backend of 'ours' (default: triton on CUDA; on the CPU triton under TRITON_INTERPRET=1, "
+                        "else auto)")
     p.add_argument("--batch-scale", type=float, default=1.0, help="multiply the CLIP batch sizes (e.g. 0.25)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (implied on CPU)")
     p.add_argument("--modes", default="fwd,fwd+bwd")
-    p.add_argument("--min-run-time", type=float, default=0.2, help="seconds per CPU measurement")
-    p.add_argument("--json", type=Path, default=None, help="write machine info and results here")
+    p.add_argument("--min-run-time", type=float, default=0.2, help="seconds per CPU measurement (0: one call)")
+    p.add_argument("--json", type=Path, default=None, help="write the results here (schema: bench/report.py)")
+    return p
+
+
+def run(argv=None) -> tuple[list[Result], dict]:
+    """Run the benchmark; returns the results and the JSON document (written to --json)."""
+    p = build_parser()
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but CUDA is unavailable")
@@ -458,29 +492,57 @@ def main(argv=None) -> list[Result]:
     bad = [o for o in chosen if o not in OPS]
     if bad:
         p.error(f"--ops: unknown {bad}; choose from {OPS}")
-    dtype = DTYPES[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
-    smoke = args.smoke or args.device == "cpu"
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    if not modes or any(m not in ("fwd", "fwd+bwd") for m in modes):
+        p.error(f"--modes: comma-separated fwd, fwd+bwd; got {args.modes!r}")
+    dtype_name = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    dtype = DTYPES[dtype_name]
+    smoke = args.smoke or args.device == "cpu"
+    backend = args.backend or default_backend(args.device)
+    from msclip_fast.ops._triton import interpreting
+
+    interpreted = args.device == "cpu" and backend == "triton" and interpreting()
+    meta = _common.run_meta(args.device, "bench/bench_ops.py", sys.argv[1:] if argv is None else argv)
     torch.manual_seed(0)
+    t0 = time.perf_counter()
     results: list[Result] = []
     for op in chosen:
-        for case in BUILDERS[op](args.device, dtype, args.batch_scale, smoke):
+        for case in BUILDERS[op](args.device, dtype, args.batch_scale, smoke, backend):
             try:
-                rs = _measure(case, args.device, args.min_run_time, modes)
+                rs = _measure(case, args.device, args.min_run_time, modes, single_call_ours=interpreted)
             except Exception:
                 traceback.print_exc()
-                rs = [Result(case.op, case.name, "*", "*", error="case failed (traceback above)")]
+                rs = [Result(case.op, case.name, case.tag, "*", "*", error="case failed (traceback above)")]
             results.extend(rs)
-            print(markdown(rs).split("\n", 2)[2], flush=True)
-    print()
-    print(markdown(results))
+            for r in rs:
+                print(_line(r), flush=True)
+    failures = [f"{r.op} {r.case} {r.impl} {r.mode}: {r.error}" for r in results
+                if r.error and r.impl in ("ours", "*")]
+    settings = {"dtype": dtype_name, "smoke": smoke, "ops": chosen, "modes": list(modes), "backend": backend,
+                "interpreter": interpreted, "batch_scale": args.batch_scale, "min_run_time": args.min_run_time,
+                "total_s": round(time.perf_counter() - t0, 1)}
+    rows = [{**asdict(r), **{k: _common.finite(getattr(r, k)) for k in ("ms", "tflops", "gbps", "ratio", "peak_mib")}}
+            for r in results]
+    # interpreter times are no measurement: no headline ratios from them
+    doc = _common.payload("ops", meta, settings, rows, {} if interpreted else headline(results),
+                          status="failed" if failures else "ok", failures=failures)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"machine": _machine(args.device), "dtype": str(dtype), "smoke": smoke,
-                   "results": [asdict(r) for r in results]}
-        args.json.write_text(json.dumps(payload, indent=1))
-    return results
+        _common.write_json(args.json, doc)
+    import report
+
+    print()
+    print(report.render_doc(doc, source=str(args.json) if args.json else None))
+    return results, doc
+
+
+def main(argv=None) -> int:
+    """Exit status: 1 when one of ours failed (a peer that cannot run is only reported)."""
+    _, doc = run(argv)
+    if doc["failures"]:
+        print("bench_ops: FAILED: " + "; ".join(doc["failures"]), file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

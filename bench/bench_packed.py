@@ -10,16 +10,16 @@ alike; the ratio is per-tower median / packed median (> 1: packed is faster).
 
 Usage::
 
-    python bench/bench_packed.py                                  # writes bench/RESULTS.md
-    python bench/bench_packed.py --presets msclip-tiny --batch-size 4 --repeats 1 --no-write
+    python bench/bench_packed.py --json bench/results/packed-cpu.json
+    python bench/bench_packed.py --presets msclip-tiny --batch-size 4 --repeats 1
 
-The section sits between ``<!-- bench_packed:begin/end -->`` markers in RESULTS.md and is
-replaced in place, leaving other benchmarks' sections alone.
+The table is printed; ``--json`` writes the results, which ``python -m bench.report`` turns
+into bench/RESULTS.md (schema: bench/report.py).
 """
 from __future__ import annotations
 
 import argparse
-import shlex
+import dataclasses
 import statistics
 import sys
 import time
@@ -31,10 +31,8 @@ import torch
 if str(Path(__file__).resolve().parent) not in sys.path:  # find bench/_common.py also when loaded by path
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
-from _common import DEFAULT_OUT, synthetic_batch  # noqa: E402
+from _common import synthetic_batch  # noqa: E402
 
-NAME = "bench_packed"
-BEGIN, END = _common.markers(NAME)
 DEFAULT_PRESETS = ("msclip-s-tiny", "msclip-tiny")
 
 
@@ -94,41 +92,6 @@ def bench_preset(name: str, batch: int, warmup: int, repeats: int) -> Row:
                _iqr(times["per_tower"]), repeats, tm / pm, abs(first["packed"] - first["per_tower"]))
 
 
-def to_markdown(rows: list[Row], command: str, total_s: float) -> str:
-    lines = [
-        BEGIN,
-        "## Packed vs per-tower",
-        "",
-        "Training step (forward + ClipLoss + backward + AdamW step, fp32) of the same model with",
-        "`packed=True` (image and text tokens through each shared block in one call: one GEMM per",
-        "shared weight, one varlen attention call, one modality-indexed LayerNorm call) and",
-        "`packed=False` (towers one after the other). Every op pinned to the `reference` backend",
-        "(the varlen reference attention runs each run of equal-length sequences as one batched",
-        "call). Timed steps of the two modes alternate in one process; medians and IQR over the",
-        "timed steps; ratio = per-tower / packed (> 1: packed faster). A shared, loaded 2-core",
-        "machine: treat differences within the IQR as noise.",
-        "",
-        *_common.run_info_lines(command, report_gpu=False),
-        f"- Total benchmark time: {total_s:.0f} s",
-        "",
-        "| preset | batch | packed rows T | packed step (ms) | IQR | per-tower step (ms) | IQR | timed steps "
-        "| ratio per-tower/packed | first-step loss diff |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    lines += [
-        f"| {r.preset} | {r.batch} | {r.tokens_packed} | {r.packed_ms:.1f} | {r.packed_iqr_ms:.1f} | "
-        f"{r.per_tower_ms:.1f} | {r.per_tower_iqr_ms:.1f} | {r.repeats} | {r.ratio:.2f} | {r.loss_diff:.1e} |"
-        for r in rows
-    ]
-    lines += ["", END]
-    return "\n".join(lines) + "\n"
-
-
-def write_results(path: Path, section: str) -> None:
-    """Replace this benchmark's marked section in ``path`` (or append it), atomically."""
-    _common.replace_section(path, section, NAME)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -136,8 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="images = texts per step (default: 64)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per mode (default: 2)")
     p.add_argument("--repeats", type=int, default=7, help="timed steps per mode (default: 7)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown file (default: bench/RESULTS.md)")
-    p.add_argument("--no-write", action="store_true", help="print the section, do not write --out")
+    p.add_argument("--json", type=Path, default=None, help="write the results here (schema: bench/report.py)")
     return p
 
 
@@ -147,19 +109,28 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0:
         raise ValueError(f"--batch-size/--repeats must be >= 1 and --warmup >= 0, got "
                          f"{args.batch_size}/{args.repeats}/{args.warmup}")
+    meta = _common.run_meta("cpu", "bench/bench_packed.py", sys.argv[1:] if argv is None else argv)
+    presets = [n.strip() for n in args.presets.split(",") if n.strip()]
     with _common.reference_backend():
         t0 = time.time()
         rows = []
-        for name in [n.strip() for n in args.presets.split(",") if n.strip()]:
+        for name in presets:
             rows.append(bench_preset(name, args.batch_size, args.warmup, args.repeats))
             r = rows[-1]
             print(f"{name}: packed {r.packed_ms:.1f} ms, per-tower {r.per_tower_ms:.1f} ms, "
                   f"ratio {r.ratio:.2f}", file=sys.stderr)
-        argv_str = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-        section = to_markdown(rows, f"python bench/bench_packed.py {argv_str}".strip(), time.time() - t0)
-    print(section)
-    if not args.no_write:
-        write_results(args.out, section)
+        total = time.time() - t0
+    settings = {"presets": presets, "batch_size": args.batch_size, "warmup": args.warmup, "repeats": args.repeats,
+                "backend": "reference", "dtype": "fp32", "total_s": round(total, 1)}
+    doc = _common.payload("packed", meta, settings,
+                          [{k: _common.finite(v) if isinstance(v, float) else v for k, v in dataclasses.asdict(r).items()}
+                           for r in rows],
+                          {f"packed_vs_per_tower_{r.preset}": round(r.ratio, 3) for r in rows})
+    if args.json:
+        _common.write_json(args.json, doc)
+    import report
+
+    print(report.render_doc(doc, source=str(args.json) if args.json else None))
     return rows
 
 

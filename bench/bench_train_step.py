@@ -11,18 +11,18 @@ is given (a CPU has no single honest peak).
 
 Usage::
 
-    python bench/bench_train_step.py                       # all presets, writes bench/RESULTS.md
-    python bench/bench_train_step.py --presets tiny --no-write
-    python bench/bench_train_step.py --presets clip-tiny --repeats 1 --min-run-time 0 --no-write
+    python bench/bench_train_step.py --json bench/results/train_step-cpu.json   # all presets
+    python bench/bench_train_step.py --presets tiny
+    python bench/bench_train_step.py --presets clip-tiny --repeats 1 --min-run-time 0
 
-The results section in RESULTS.md sits between ``<!-- bench_train_step:begin/end -->``
-markers and is replaced in place, leaving other benchmarks' sections alone.
+The table is printed; ``--json`` writes the results, which ``python -m bench.report`` turns
+into bench/RESULTS.md (schema: bench/report.py).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -38,10 +38,7 @@ import msclip_fast as mf
 if str(Path(__file__).resolve().parent) not in sys.path:  # find bench/_common.py also when loaded by path
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
-from _common import DEFAULT_OUT, synthetic_batch  # noqa: E402
-
-NAME = "bench_train_step"
-BEGIN, END = _common.markers(NAME)
+from _common import synthetic_batch  # noqa: E402
 
 
 @dataclass
@@ -166,53 +163,6 @@ def bench_preset(name: str, batch: int, warmup: int, repeats: int, min_run_time:
     return row
 
 
-def _fmt(x, spec):
-    return "–" if x is None else format(x, spec)
-
-
-def to_markdown(rows: list[Row], skipped: list[str], command: str, total_s: float) -> str:
-    load = " / ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    head = [
-        BEGIN,
-        "## Train step throughput (reference backend, fp32, CPU)",
-        "",
-        "One step = forward + ClipLoss + backward + AdamW step on synthetic inputs; every op pinned",
-        "to the plain-PyTorch `reference` backend. Median and IQR",
-        "(`torch.utils.benchmark.Measurement`) over single timed steps after warmup; the",
-        "FLOP-counting step is an extra warmup. GFLOP/sample counts forward + backward",
-        "matmuls and convolutions (`FlopCounterMode`), not the optimizer. CPU share = process CPU",
-        "time / (wall time x torch threads) over the timed steps: well below 1 means other",
-        "processes held the cores and the step times are inflated by contention, not by the code.",
-        "",
-        *_common.run_info_lines(command),
-        f"- Total benchmark time: {total_s:.0f} s; load average (1/5/15 min) at the end: {load}",
-        "",
-        "| preset | params (M) | batch | image px | step median (ms) | IQR (ms) | timed steps "
-        "| samples/s | GFLOP/sample | achieved GFLOP/s | MFU | CPU share |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    body = [
-        f"| {r.preset} | {r.params_m:.2f} | {r.batch} | {r.image_size} | {r.median_ms:.1f} | "
-        f"{r.iqr_ms:.1f} | {r.timed_steps} | {r.samples_per_s:.2f} | {_fmt(r.gflop_per_sample, '.2f')} | "
-        f"{_fmt(r.gflops_achieved, '.1f')} | {_fmt(r.mfu, '.1%')} | {r.cpu_share:.2f} |"
-        for r in rows
-    ]
-    tail = [""]
-    if skipped:
-        tail.append(f"Not measured (projected past the --time-budget): {', '.join(skipped)}.")
-        tail.append("")
-    if any(r.mfu is None for r in rows):
-        tail.append("MFU needs `--peak-tflops` (no single honest peak for a shared CPU).")
-        tail.append("")
-    tail.append(END)
-    return "\n".join(head + body + tail) + "\n"
-
-
-def write_results(path: Path, section: str) -> None:
-    """Replace this benchmark's marked section in ``path`` (or append it), atomically."""
-    _common.replace_section(path, section, NAME)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -231,8 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting step")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for the MFU column")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown file (default: bench/RESULTS.md)")
-    p.add_argument("--no-write", action="store_true", help="print the table only; do not write --out")
+    p.add_argument("--json", type=Path, default=None, help="write the results here (schema: bench/report.py)")
     return p
 
 
@@ -254,7 +203,7 @@ def _main(argv: list[str] | None) -> list[Row]:
     if args.threads:
         torch.set_num_threads(args.threads)
     presets = select_presets(args.presets)
-    command = "python bench/bench_train_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    meta = _common.run_meta("cpu", "bench/bench_train_step.py", sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
     rows, skipped = [], []
     took: dict[str, float] = {}  # size class -> longest preset time so far
@@ -275,11 +224,21 @@ def _main(argv: list[str] | None) -> list[Row]:
               f"  (CPU share {row.cpu_share:.2f})", flush=True)
         rows.append(row)
         took[size_class(name)] = max(took.get(size_class(name), 0.0), time.perf_counter() - t0)
-    section = to_markdown(rows, skipped, command.strip(), time.perf_counter() - start)
-    print(section)
-    if not args.no_write:
-        write_results(args.out, section)
-        print(f"wrote {args.out}")
+    settings = {"presets": presets, "batch_size": args.batch_size, "full_batch_size": args.full_batch_size,
+                "warmup": args.warmup, "repeats": args.repeats, "full_warmup": args.full_warmup,
+                "full_repeats": args.full_repeats, "min_run_time": args.min_run_time,
+                "time_budget": args.time_budget, "backend": "reference", "dtype": "fp32",
+                "peak_tflops": args.peak_tflops, "skipped": skipped,
+                "total_s": round(time.perf_counter() - start, 1)}
+    doc = _common.payload("train_step", meta, settings,
+                          [{k: _common.finite(v) if isinstance(v, float) else v for k, v in dataclasses.asdict(r).items()}
+                           for r in rows],
+                          {f"train_step_samples_per_s_{r.preset}": round(r.samples_per_s, 3) for r in rows})
+    if args.json:
+        _common.write_json(args.json, doc)
+    import report
+
+    print(report.render_doc(doc, source=str(args.json) if args.json else None))
     return rows
 
 

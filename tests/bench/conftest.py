@@ -1,12 +1,32 @@
-"""Shared by the bench/*.py smoke tests: the script under test loaded as a module, and the
-check that a script's RESULTS.md section is replaced in place."""
+"""Shared by the bench/*.py tests: the script under test loaded as a module, a results
+document builder for report tests, and a Python that cannot import the packages the GPU
+machine lacks."""
 import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
-BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
+ROOT = Path(__file__).resolve().parents[2]
+BENCH_DIR = ROOT / "bench"
+
+# What the device machine lacks (DESIGN §8): the bench scripts must run without them.
+MISSING_ON_GPU_MACHINE = ("open_clip", "deepspeed", "nvidia.dali", "webdataset", "PIL", "matplotlib",
+                          "torchvision", "ftfy")
+
+_BLOCKER = '''
+import sys
+BLOCKED = {blocked!r}
+
+class _Blocker:
+    """Import finder that makes the blocked packages look uninstalled."""
+    def find_spec(self, name, path=None, target=None):
+        if any(name == b or name.startswith(b + ".") for b in BLOCKED):
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked by the bench tests)", name=name)
+        return None
+
+sys.meta_path.insert(0, _Blocker())
+'''
 
 
 @pytest.fixture(scope="module")
@@ -22,17 +42,10 @@ def bench(request):
 
 
 @pytest.fixture
-def check_section_replaced(bench, tmp_path):
-    """``check(other)``: with RESULTS.md holding ``other`` (which has ``keep me`` in another
-    section), write ``bench``'s section twice: the second write replaces the first in place."""
-
-    def check(other: str) -> None:
-        out = tmp_path / "RESULTS.md"
-        out.write_text(other)
-        bench.write_results(out, f"{bench.BEGIN}\nfirst\n{bench.END}\n")
-        bench.write_results(out, f"{bench.BEGIN}\nsecond\n{bench.END}\n")
-        text = out.read_text()
-        assert "keep me" in text and "second" in text and "first" not in text
-        assert text.count(bench.BEGIN) == 1
-
-    return check
+def without_gpu_machine_packages(tmp_path):
+    """A PYTHONPATH entry whose sitecustomize.py makes the packages the GPU machine lacks
+    unimportable, in the process and in every child it starts."""
+    d = tmp_path / "blocker"
+    d.mkdir()
+    (d / "sitecustomize.py").write_text(_BLOCKER.format(blocked=MISSING_ON_GPU_MACHINE))
+    return d

@@ -1,0 +1,615 @@
+"""Turn the benchmark JSON into bench/RESULTS.md tables and PNG charts.
+
+    python -m bench.report [--results-dir bench/results] [--write bench/RESULTS.md] [--charts bench/charts]
+
+Reads every ``*.json`` in ``--results-dir`` (default bench/results/, where the committed results
+live; each file is one run of one benchmark, named ``<benchmark>-<device>[-<variant>].json``),
+and renders one section per file: what was measured, machine / command / date / commit, the
+chart, the table, what was not run and why, what failed. Files whose ``meta.device`` is
+``"cuda"`` go under "GPU results", all others under "CPU results": CPU and GPU numbers never
+share a table or a chart. Without ``--write`` the markdown goes to stdout. ``--write`` replaces
+only the ``<!-- bench_report:begin/end -->`` region of the file (appended when absent); every
+other part (e.g. the ``kernel_report`` section) is kept as it is. Charts (matplotlib, Agg) are
+written to ``--charts`` (default: ``charts/`` beside ``--write``; none when printing) as
+``<json stem>.png`` and embedded with paths relative to the markdown file. Without matplotlib
+the tables are still written and the report says that the charts were not drawn. A file that
+is not valid JSON or does not follow the schema stops the report with exit status 2 and a
+message naming the file and the problem.
+
+To re-measure and regenerate (CPU, a few minutes each on 2 cores)::
+
+    python bench/bench_loss.py --sizes 4096,8192,16384 --json bench/results/loss-cpu-fp32.json
+    python bench/bench_ops.py --device cpu --smoke --json bench/results/ops-cpu-smoke.json
+    python bench/bench_train_step.py --json bench/results/train_step-cpu.json
+    python bench/bench_packed.py --repeats 5 --json bench/results/packed-cpu.json
+    python -m bench.report --write bench/RESULTS.md --charts bench/charts
+
+JSON schema (version 1)
+-----------------------
+Every bench script's ``--json`` writes one object::
+
+    schema      1
+    benchmark   "loss" | "ops" | "train_step" | "packed"
+    meta        where/when/how (bench/_common.py run_meta):
+                  machine   {cpu, cores (usable), logical_cpus, torch_threads, gpu (name | null),
+                             gpu_count, cuda, python, platform, load_avg and load_avg_end
+                             [1, 5, 15 min] at start and end}
+                  command   "python bench/<script>.py <args>"
+                  date_utc  "YYYY-MM-DDTHH:MM:SSZ"
+                  commit    short git hash (else $MSCLIP_FAST_COMMIT) | null;
+                  dirty     bool | null (uncommitted changes to tracked files)
+                  torch, triton (version | null), device ("cpu" | "cuda")
+    settings    the benchmark's parameters (below)
+    rows        list of result objects (below)
+    headline    {name: number}: a few ratios for summaries (bench/gpu_check.sh reads them)
+    status      "ok" | "failed" (loss, ops);  failures: [str] naming implementation and error
+
+``loss`` (bench_loss.py): settings {sizes, dim, dtype, scale, repeats, check_n, timeout_s,
+max_mem_gib, impls, specs, peer_versions, total_s}; rows {impl, n, status "ok" | "not_run" |
+"failed", time_s, peak_mib, reason, [stderr_tail]}; checks [{impl, n, status, tol, loss_rel_err,
+grad_img_rel_err, grad_txt_rel_err, grad_scale_rel_err, max_rel_err, loss, ref_loss, reason,
+[stderr_tail]}];
+not_run {impl: reason}. Headline ``loss_<fused|triton>_vs_<open_clip|reference>_time_N<n>`` =
+peer time / ours and ``..._mem_N<n>`` = peer peak MiB / ours at the largest N both ran (> 1:
+ours better); ``loss_<impl>_max_rel_err``.
+
+``ops`` (bench_ops.py): settings {dtype, smoke, ops, modes, backend (of ours), interpreter,
+batch_scale, min_run_time, total_s}; rows {op, case, tag, impl, mode "fwd" | "fwd+bwd", ms,
+tflops, gbps, ratio (= this impl's time / ours), peak_mib (CUDA), error, extra}; the first impl
+of each case is "ours"; a peer that cannot run has ms null and its error. Tags: B32 (image
+attention, 50 tokens), B16 (197), L257, text77 (causal, 77), packed (images + texts in one
+varlen call), packed_residual (LayerNorm), quick_gelu / gelu (bias_act), quick_gelu (ffn).
+Headline ``<op>_fwd_bwd_vs_<sdpa|torch>_<tag>`` = fastest peer's fwd+bwd time / ours (> 1: ours
+faster), e.g. ``attention_fwd_bwd_vs_sdpa_B32``; CUDA adds ``ffn_fwd_bwd_peak_mem_vs_torch``.
+No headline from the Triton interpreter (settings.interpreter true).
+
+``train_step`` (bench_train_step.py): settings {presets, batch_size, full_batch_size, warmup,
+repeats, full_repeats, min_run_time, backend, dtype, peak_tflops, skipped, total_s}; rows
+{preset, params_m, batch, image_size, median_ms, iqr_ms, timed_steps, samples_per_s,
+gflop_per_sample, gflops_achieved, mfu, cpu_share, loss}. Headline
+``train_step_samples_per_s_<preset>``.
+
+``packed`` (bench_packed.py): settings {presets, batch_size, warmup, repeats, backend, dtype,
+total_s}; rows {preset, batch, tokens_packed, packed_ms, packed_iqr_ms, per_tower_ms,
+per_tower_iqr_ms, repeats, ratio (= per-tower / packed), loss_diff}. Headline
+``packed_vs_per_tower_<preset>``.
+
+Numbers are null where not measured (JSON has no NaN).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # bench/_common.py (no torch import)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+ROOT = _common.ROOT
+SCHEMA = _common.SCHEMA
+NAME = "bench_report"
+BEGIN, END = _common.markers(NAME)
+ORDER = ("loss", "ops", "train_step", "packed")
+TITLES = {"loss": "Contrastive loss", "ops": "Ops vs PyTorch", "train_step": "Train step throughput",
+          "packed": "Packed vs per-tower"}
+_ROW_KEYS = {
+    "loss": ("impl", "n", "status"),
+    "ops": ("op", "case", "impl", "mode", "ms"),
+    "train_step": ("preset", "batch", "median_ms", "samples_per_s"),
+    "packed": ("preset", "batch", "packed_ms", "per_tower_ms", "ratio"),
+}
+_META_KEYS = ("machine", "command", "date_utc", "commit", "device")
+
+
+class ReportError(Exception):
+    """A results file that cannot be reported (message names the file and the problem)."""
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def validate(doc, source: str = "<doc>") -> dict:
+    """Check ``doc`` against the schema above; returns it, or raises ReportError."""
+    def fail(msg):
+        raise ReportError(f"{source}: {msg}")
+
+    if not isinstance(doc, dict):
+        fail(f"expected a JSON object, got {type(doc).__name__}")
+    if doc.get("schema") != SCHEMA:
+        fail(f"'schema' must be {SCHEMA}, got {doc.get('schema')!r} (written by an older or foreign script?)")
+    bench = doc.get("benchmark")
+    if bench not in ORDER:
+        fail(f"'benchmark' must be one of {list(ORDER)}, got {bench!r}")
+    meta = doc.get("meta")
+    if not isinstance(meta, dict):
+        fail("missing object 'meta'")
+    for k in _META_KEYS:
+        if k not in meta:
+            fail(f"missing 'meta.{k}'")
+    if meta["device"] not in ("cpu", "cuda"):
+        fail(f"'meta.device' must be 'cpu' or 'cuda', got {meta['device']!r}")
+    if not isinstance(meta["machine"], dict):
+        fail("'meta.machine' must be an object")
+    rows = doc.get("rows")
+    if not isinstance(rows, list):
+        fail("missing list 'rows'")
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            fail(f"rows[{i}] is not an object")
+        missing = [k for k in _ROW_KEYS[bench] if k not in r]
+        if missing:
+            fail(f"rows[{i}] lacks {missing} (a {bench} row needs {list(_ROW_KEYS[bench])})")
+    for k in ("settings", "headline"):
+        if not isinstance(doc.get(k, {}), dict):
+            fail(f"'{k}' must be an object")
+    return doc
+
+
+def load(results_dir: Path) -> list[tuple[Path, dict]]:
+    """Every ``*.json`` in ``results_dir``, validated, sorted by (benchmark order, file name)."""
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise ReportError(f"{results_dir}: not a directory (--results-dir)")
+    out = []
+    for path in sorted(results_dir.glob("*.json")):
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ReportError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ReportError(f"{path}: cannot be read ({e})") from None
+        if isinstance(doc, dict) and "schema" not in doc and doc.get("report") == "kernel_report":
+            print(f"bench.report: {path}: skipped (kernel report JSON; `python -m bench.kernel_report --write` "
+                  "renders it)", file=sys.stderr)
+            continue
+        out.append((path, validate(doc, str(path))))
+    out.sort(key=lambda pd: (ORDER.index(pd[1]["benchmark"]), pd[0].name))
+    return out
+
+
+# ----------------------------------------------------------------------------- markdown
+
+
+def _f(x, spec: str, none: str = "–") -> str:
+    return none if x is None else format(x, spec)
+
+
+def _table(header: list[str], rows: list[list[str]], align: str | None = None) -> list[str]:
+    align = align or ("---|" + "---:|" * (len(header) - 1))
+    return ["| " + " | ".join(header) + " |", "|" + align] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def meta_lines(doc: dict) -> list[str]:
+    """The Machine / Command / Date / Commit / Versions bullets of one run."""
+    m = doc["meta"]
+    mach = m["machine"]
+    load = mach.get("load_avg")
+    parts = [f"{mach.get('cpu', '?')}, {mach.get('cores', '?')} usable cores ({mach.get('logical_cpus', '?')} logical),"
+             f" torch threads {mach.get('torch_threads', '?')}"]
+    if mach.get("gpu"):
+        parts.append(f"GPU {mach['gpu']}" + (f" x{mach['gpu_count']}" if (mach.get("gpu_count") or 1) > 1 else "")
+                     + (f", CUDA {mach['cuda']}" if mach.get("cuda") else ""))
+    else:
+        parts.append("no GPU")
+    if load:
+        end = mach.get("load_avg_end")
+        parts.append("load average (1/5/15 min) " + " / ".join(f"{x:.1f}" for x in load) + " at the start"
+                     + (", " + " / ".join(f"{x:.1f}" for x in end) + " at the end" if end else "")
+                     + f" on {mach.get('logical_cpus', '?')} logical CPUs")
+    commit = m.get("commit") or "unknown"
+    if m.get("dirty"):
+        commit += " (with uncommitted changes)"
+    elif m.get("dirty") is None and m.get("commit"):
+        commit += " (clean state unknown)"
+    return [
+        f"- Machine: {'; '.join(parts)}",
+        f"- Command: `{m['command']}`",
+        f"- Date: {m['date_utc'].replace('T', ' ').replace('Z', ' UTC')}",
+        f"- Commit: {commit}",
+        f"- Versions: Python {mach.get('python', '?')}, torch {m.get('torch', '?')}, triton {m.get('triton') or 'not installed'};"
+        f" device {m['device']}",
+    ]
+
+
+def _headline_lines(doc: dict) -> list[str]:
+    h = doc.get("headline") or {}
+    if not h:
+        return []
+    return ["", "Headline: " + ", ".join(f"`{k}` = {v:g}" if isinstance(v, (int, float)) else f"`{k}` = {v}"
+                                         for k, v in h.items())]
+
+
+def _failure_lines(doc: dict) -> list[str]:
+    fails = doc.get("failures") or []
+    if not fails:
+        return []
+    return ["", "**FAILED** (the script exited non-zero): " + "; ".join(fails) + "."]
+
+
+def _loss_body(doc: dict) -> list[str]:
+    s = doc.get("settings", {})
+    rows = doc["rows"]
+    impls = s.get("impls") or list(dict.fromkeys(r["impl"] for r in rows))
+    measured = [i for i in impls if any(r["impl"] == i and r["status"] == "ok" for r in rows)]
+    by = {(r["impl"], r["n"]): r for r in rows}
+    sizes = sorted({r["n"] for r in rows})
+    ours = [i for i in measured if i in ("fused", "triton")]
+    peers = [i for i in measured if i not in ("fused", "triton")]
+    lines = [
+        f"Forward + backward of the symmetric InfoNCE loss, N x D features with D={s.get('dim', '?')}, "
+        f"{s.get('dtype', '?')}, scale {s.get('scale', 100):g}, device {doc['meta']['device']}; each "
+        "(implementation, N) in a fresh process; time = best of "
+        f"{s.get('repeats', 1)} call(s); memory = peak over the process's footprint just before the call "
+        "(it includes the N x D gradients, 2 x N x D x bytes per element). `fused` is the C++/CUDA "
+        "extension, `triton` the Triton kernels (both O(N) memory), `reference` plain PyTorch and "
+        "`open_clip` open_clip's ClipLoss (both materialize the N x N logits). Ratios > 1: ours is "
+        "faster / smaller.",
+        "",
+    ]
+    header = ["N"]
+    for i in measured:
+        header += [f"{i} s", f"{i} MiB"]
+    ratio_cols = [(p, o) for o in ours for p in peers]
+    for p, o in ratio_cols:
+        header += [f"{p}/{o} time", f"{p}/{o} memory"]
+
+    def cell(i, n, key, spec):
+        r = by.get((i, n))
+        if r is None:
+            return "–"
+        if r["status"] == "ok":
+            return _f(r[key], spec)
+        return "FAIL" if r["status"] == "failed" else "not run"
+
+    body = []
+    for n in sizes:
+        line = [str(n)]
+        for i in measured:
+            line += [cell(i, n, "time_s", ".3g"), cell(i, n, "peak_mib", ".0f")]
+        for p, o in ratio_cols:
+            a, b = by.get((o, n)), by.get((p, n))
+            ok = a and b and a["status"] == b["status"] == "ok"
+            line.append(f"{b['time_s'] / a['time_s']:.2f}x" if ok and a["time_s"] else "–")
+            line.append(f"{b['peak_mib'] / a['peak_mib']:.1f}x" if ok and a["peak_mib"] and b["peak_mib"] is not None
+                        else "–")
+        body.append(line)
+    if measured:
+        lines += _table(header, body)
+    else:
+        lines.append("Nothing was measured.")
+    checks = doc.get("checks") or []
+    if checks:
+        lines += ["", f"Correctness check before timing (N={s.get('check_n', '?')}, relative error against the "
+                  "float64 reference on the same rounded inputs; bound from DESIGN §7):", ""]
+        crow = []
+        for c in checks:
+            crow.append([c["impl"], c["status"], _f(c.get("loss_rel_err"), ".1e"), _f(c.get("grad_img_rel_err"), ".1e"),
+                         _f(c.get("grad_txt_rel_err"), ".1e"), _f(c.get("grad_scale_rel_err"), ".1e"),
+                         _f(c.get("tol"), "g"), c.get("reason") or ""])
+        lines += _table(["impl", "check", "loss", "d img", "d txt", "d scale", "bound", "note"], crow,
+                        "---|---|---:|---:|---:|---:|---:|---|")
+    notes = []
+    for i in impls:
+        reasons = sorted({(r["reason"] or "") for r in rows if r["impl"] == i and r["status"] == "not_run"})
+        ns = [r["n"] for r in rows if r["impl"] == i and r["status"] == "not_run"]
+        if ns:
+            notes.append(f"{i} at N={','.join(map(str, ns))}: {'; '.join(reasons)}")
+    if notes:
+        lines += ["", "Not run: " + "; ".join(notes) + "."]
+    return lines
+
+
+def _ops_body(doc: dict) -> list[str]:
+    s = doc.get("settings", {})
+    dev = doc["meta"]["device"]
+    backend = s.get("backend", "?")
+    interp = " under TRITON_INTERPRET=1 (the Triton interpreter: its times say nothing about a GPU)" if s.get(
+        "interpreter") else ""
+    lines = [
+        f"Forward and forward+backward time of each op (ours: `backend=\"{backend}\"`{interp}) and its "
+        f"PyTorch peers on the same inputs, {s.get('dtype', '?')}, device {dev}"
+        + (", tiny `--smoke` shapes (a check that every path runs; CPU numbers say nothing about GPU speed)"
+           if s.get("smoke") else ", CLIP shapes (width 768, 12 heads of 64)")
+        + ". `x ours` = that implementation's time / ours (> 1: ours is faster). "
+        + ("Timing: `triton.testing.do_bench` median." if dev == "cuda"
+           else "Timing: median of `torch.utils.benchmark` `blocked_autorange`"
+           + (" (one call per measurement for the interpreted Triton path)" if s.get("interpreter") else "") + "."),
+        "",
+    ]
+    body = []
+    for r in doc["rows"]:
+        body.append([r["op"], r["case"], r["impl"], r["mode"], _f(r.get("ms"), ".3f"), _f(r.get("tflops"), ".3g", ""),
+                     _f(r.get("gbps"), ".0f", ""), _f(r.get("ratio"), ".2f", ""), _f(r.get("peak_mib"), ".0f", ""),
+                     (r.get("error") or "").replace("|", "/")])
+    lines += _table(["op", "case", "impl", "mode", "ms", "TFLOP/s", "GB/s", "x ours", "peak MiB", "note"], body,
+                    "---|---|---|---|---:|---:|---:|---:|---:|---|")
+    return lines
+
+
+def _train_step_body(doc: dict) -> list[str]:
+    s = doc.get("settings", {})
+    lines = [
+        "One step = forward + ClipLoss + backward + AdamW step on synthetic inputs, "
+        f"{s.get('dtype', 'fp32')}; every op pinned to the `{s.get('backend', 'reference')}` backend. Median and IQR "
+        "(`torch.utils.benchmark.Measurement`) over single timed steps after warmup; the FLOP-counting "
+        "step is an extra warmup. GFLOP/sample counts forward + backward matmuls and convolutions "
+        "(`FlopCounterMode`), not the optimizer. CPU share = process CPU time / (wall time x torch "
+        "threads) over the timed steps: well below 1 means other processes held the cores and the "
+        "step times are inflated by contention, not by the code.",
+        "",
+    ]
+    body = [[r["preset"], _f(r.get("params_m"), ".2f"), str(r["batch"]), _f(r.get("image_size"), "d"),
+             _f(r["median_ms"], ".1f"), _f(r.get("iqr_ms"), ".1f"), _f(r.get("timed_steps"), "d"),
+             _f(r["samples_per_s"], ".2f"), _f(r.get("gflop_per_sample"), ".2f"), _f(r.get("gflops_achieved"), ".1f"),
+             _f(r.get("mfu"), ".1%"), _f(r.get("cpu_share"), ".2f")] for r in doc["rows"]]
+    lines += _table(["preset", "params (M)", "batch", "image px", "step median (ms)", "IQR (ms)", "timed steps",
+                     "samples/s", "GFLOP/sample", "achieved GFLOP/s", "MFU", "CPU share"], body)
+    if s.get("skipped"):
+        lines += ["", f"Not measured (projected past the --time-budget): {', '.join(s['skipped'])}."]
+    if any(r.get("mfu") is None for r in doc["rows"]):
+        lines += ["", "MFU needs `--peak-tflops` (no single honest peak for a shared CPU)."]
+    return lines
+
+
+def _packed_body(doc: dict) -> list[str]:
+    s = doc.get("settings", {})
+    lines = [
+        f"Training step (forward + ClipLoss + backward + AdamW step, {s.get('dtype', 'fp32')}) of the same model "
+        "with `packed=True` (image and text tokens through each shared block in one call: one GEMM per "
+        "shared weight, one varlen attention call, one modality-indexed LayerNorm call) and "
+        f"`packed=False` (towers one after the other). Every op pinned to the `{s.get('backend', 'reference')}` "
+        "backend (the varlen reference attention runs each run of equal-length sequences as one batched "
+        "call). Timed steps of the two modes alternate in one process; medians and IQR over the timed "
+        "steps; ratio = per-tower / packed (> 1: packed faster). On a shared, loaded machine treat "
+        "differences within the IQR as noise.",
+        "",
+    ]
+    body = [[r["preset"], str(r["batch"]), _f(r.get("tokens_packed"), "d"), _f(r["packed_ms"], ".1f"),
+             _f(r.get("packed_iqr_ms"), ".1f"), _f(r["per_tower_ms"], ".1f"), _f(r.get("per_tower_iqr_ms"), ".1f"),
+             _f(r.get("repeats"), "d"), _f(r["ratio"], ".2f"), _f(r.get("loss_diff"), ".1e")] for r in doc["rows"]]
+    lines += _table(["preset", "batch", "packed rows T", "packed step (ms)", "IQR", "per-tower step (ms)", "IQR",
+                     "timed steps", "ratio per-tower/packed", "first-step loss diff"], body)
+    return lines
+
+
+_BODY = {"loss": _loss_body, "ops": _ops_body, "train_step": _train_step_body, "packed": _packed_body}
+
+
+def title(doc: dict) -> str:
+    s = doc.get("settings", {})
+    dev = "GPU" if doc["meta"]["device"] == "cuda" else "CPU"
+    extra = {"loss": s.get("dtype"), "ops": f"{s.get('dtype', '')}{', smoke' if s.get('smoke') else ''}",
+             "train_step": None, "packed": None}[doc["benchmark"]]
+    return f"{TITLES[doc['benchmark']]} ({dev}{', ' + extra if extra else ''})"
+
+
+def render_doc(doc: dict, source: str | None = None, chart: str | None = None, level: int = 3) -> str:
+    """Markdown of one results document: heading, run bullets, chart, table, notes."""
+    validate(doc, source or "<doc>")
+    lines = ["#" * level + " " + title(doc), ""]
+    lines += meta_lines(doc)
+    if source:
+        lines.append(f"- Data: `{source}`")
+    lines.append("")
+    if chart:
+        lines += [f"![{title(doc)}]({chart})", ""]
+    lines += _BODY[doc["benchmark"]](doc)
+    lines += _headline_lines(doc)
+    lines += _failure_lines(doc)
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- charts
+
+
+def _plt():
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _chart_loss(plt, doc: dict, path: Path) -> bool:
+    ok = [r for r in doc["rows"] if r["status"] == "ok"]
+    if not ok:
+        return False
+    impls = list(dict.fromkeys(r["impl"] for r in ok))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for key, ax, label in (("time_s", axes[0], "forward + backward time (s)"),
+                           ("peak_mib", axes[1], "peak memory over inputs (MiB)")):
+        for i in impls:
+            pts = sorted((r["n"], r[key]) for r in ok if r["impl"] == i and r[key] is not None and r[key] > 0)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=i)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ns = sorted({r["n"] for r in ok})
+        ax.set_xticks(ns)
+        ax.set_xticklabels([str(n) for n in ns])
+        ax.tick_params(axis="x", which="minor", bottom=False, labelbottom=False)
+        ax.set_xlabel("N (pairs)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    s = doc.get("settings", {})
+    fig.suptitle(f"Contrastive loss, D={s.get('dim')}, {s.get('dtype')}, {doc['meta']['device']} "
+                 f"({doc['meta']['machine'].get('gpu') or doc['meta']['machine'].get('cpu')})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return True
+
+
+def _chart_ops(plt, doc: dict, path: Path) -> bool:
+    rows = [r for r in doc["rows"] if r.get("ratio") and r["impl"] not in ("ours", "*")]
+    if not rows:
+        return False
+    modes = [m for m in ("fwd", "fwd+bwd") if any(r["mode"] == m for r in rows)]
+    labels = list(dict.fromkeys(f"{r['op']}: {r['case']} | {r['impl']}" for r in rows))
+    ratio = {(f"{r['op']}: {r['case']} | {r['impl']}", r["mode"]): r["ratio"] for r in rows}
+    fig, ax = plt.subplots(figsize=(10, 0.42 * len(labels) + 1.6))
+    h = 0.8 / len(modes)
+    for k, mode in enumerate(modes):
+        ys, vals = [], []
+        for j, lab in enumerate(labels):
+            if (lab, mode) in ratio:
+                ys.append(len(labels) - 1 - j + (len(modes) / 2 - k - 0.5) * h)
+                vals.append(ratio[(lab, mode)])
+        # bars grow from 1 (parity) to the ratio, so faster and slower read as right and left
+        ax.barh(ys, [v - 1 for v in vals], h, left=1.0, label=mode, color=("tab:blue", "tab:orange")[k % 2])
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels(labels[::-1], fontsize=8)
+    ax.axvline(1.0, color="black", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("peer time / ours (> 1: ours faster; log scale)")
+    ax.grid(True, axis="x", which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    s = doc.get("settings", {})
+    ax.set_title(f"Ops vs PyTorch, {s.get('dtype')}, {doc['meta']['device']}, ours = backend {s.get('backend')}"
+                 + (" (Triton interpreter)" if s.get("interpreter") else ""), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return True
+
+
+def _chart_train_step(plt, doc: dict, path: Path) -> bool:
+    rows = [r for r in doc["rows"] if r.get("samples_per_s")]
+    if not rows:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(rows) + 1.5))
+    y = list(range(len(rows)))[::-1]
+    ax.barh(y, [r["samples_per_s"] for r in rows], color=["tab:blue" if r["preset"].endswith("-tiny") else "tab:orange"
+                                                           for r in rows])
+    ax.set_yticks(y)
+    ax.set_yticklabels([f"{r['preset']} (batch {r['batch']})" for r in rows], fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("samples/s (log)")
+    ax.grid(True, axis="x", which="both", alpha=0.3)
+    ax.set_title(f"Train step throughput, {doc['meta']['device']}, backend "
+                 f"{doc.get('settings', {}).get('backend', 'reference')}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return True
+
+
+def _chart_packed(plt, doc: dict, path: Path) -> bool:
+    rows = doc["rows"]
+    if not rows:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 0.6 * len(rows) + 1.5))
+    y = list(range(len(rows)))
+    h = 0.38
+    ax.barh([v + h / 2 for v in y], [r["packed_ms"] for r in rows], h, xerr=[r.get("packed_iqr_ms") or 0 for r in rows],
+            label="packed")
+    ax.barh([v - h / 2 for v in y], [r["per_tower_ms"] for r in rows], h,
+            xerr=[r.get("per_tower_iqr_ms") or 0 for r in rows], label="per-tower")
+    ax.set_yticks(y)
+    ax.set_yticklabels([f"{r['preset']} (batch {r['batch']})" for r in rows], fontsize=8)
+    ax.set_xlabel("train step median (ms), bars: IQR")
+    ax.legend()
+    ax.set_title(f"Packed vs per-tower, {doc['meta']['device']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return True
+
+
+_CHART = {"loss": _chart_loss, "ops": _chart_ops, "train_step": _chart_train_step, "packed": _chart_packed}
+
+
+def draw_chart(doc: dict, path: Path) -> bool:
+    """Draw ``doc``'s chart to ``path`` (PNG); False when there is nothing to draw. Raises
+    ImportError without matplotlib."""
+    plt = _plt()
+    if plt is None:
+        raise ImportError("matplotlib is not importable")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return _CHART[doc["benchmark"]](plt, doc, path)
+    finally:
+        plt.close("all")
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _rel(target: Path, base_dir: Path) -> str:
+    return Path(os.path.relpath(target.resolve(), base_dir.resolve())).as_posix()
+
+
+def build(docs: list[tuple[Path, dict]], charts_dir: Path | None, md_dir: Path) -> tuple[str, list[Path]]:
+    """The bench_report region (with markers) and the chart files written."""
+    written: list[Path] = []
+    chart_note = None
+    if charts_dir is not None and _plt() is None:
+        chart_note = "Charts were not drawn: matplotlib is not importable in the Python that ran the report."
+        charts_dir = None
+    sections = {"cpu": [], "cuda": []}
+    for path, doc in docs:
+        chart = None
+        if charts_dir is not None:
+            png = Path(charts_dir) / f"{path.stem}.png"
+            if draw_chart(doc, png):
+                written.append(png)
+                chart = _rel(png, md_dir)
+        src = _rel(path, md_dir)
+        sections[doc["meta"]["device"]].append(render_doc(doc, source=src, chart=chart))
+    cmd = "python -m bench.report --write bench/RESULTS.md --charts bench/charts"
+    lines = [BEGIN, "",
+             f"Generated by `{cmd}` from the JSON files in `bench/results/` (one file per benchmark run; the "
+             "schema and the commands that re-measure them are in `bench/report.py`). Every number comes "
+             "from the command listed with its table; CPU and GPU results are kept apart.", ""]
+    if chart_note:
+        lines += [chart_note, ""]
+    lines += ["## CPU results", ""]
+    lines += sections["cpu"] or ["No CPU results in bench/results/.", ""]
+    lines += ["## GPU results", ""]
+    lines += sections["cuda"] or ["No GPU results yet: no JSON with `meta.device` = `cuda` in bench/results/ "
+                                  "(no benchmark has run on a GPU).", ""]
+    text = "\n".join(lines).rstrip("\n") + "\n\n" + END + "\n"
+    return text, written
+
+
+def write_region(path: Path, region: str) -> None:
+    """Replace the bench_report region of ``path`` (or append it; create the file with a title
+    when absent), leaving everything else, e.g. the kernel_report section, as it is."""
+    try:
+        _common.replace_section(Path(path), region, NAME)
+    except ValueError as e:
+        raise ReportError(str(e)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("--results-dir", type=Path, default=_common.RESULTS_DIR,
+                   help="folder of benchmark JSON files (default: bench/results)")
+    p.add_argument("--write", type=Path, default=None, help="markdown file whose bench_report region to replace "
+                                                            "(default: print to stdout)")
+    p.add_argument("--charts", type=Path, default=None,
+                   help="folder for the PNG charts (default: charts/ beside --write; none when printing)")
+    p.add_argument("--no-charts", action="store_true", help="tables only")
+    args = p.parse_args(argv)
+    try:
+        docs = load(args.results_dir)
+        md_dir = (args.write.parent if args.write else Path.cwd())
+        charts = None if args.no_charts else (args.charts or (args.write.parent / "charts" if args.write else None))
+        region, written = build(docs, charts, md_dir)
+        if args.write:
+            write_region(args.write, region)
+            print(f"wrote {args.write} ({len(docs)} result files, {len(written)} charts"
+                  + (f" in {charts}" if written else "") + ")")
+        else:
+            sys.stdout.write(region)
+    except ReportError as e:
+        print(f"bench.report: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
