@@ -411,6 +411,8 @@ class Case:
     group: str  # kernel module: attention, layer_norm, bias_act, contrastive
     shape: str  # human label
     run: Callable
+    dtypes: tuple | None = None  # only for these io dtypes (None: all)
+    optional: bool = False  # a launcher that refuses it (ValueError/TypeError) is noted, not an error
 
 
 IMAGES = TEXTS = 128  # per-GPU batch: only the divisibility of sizes and strides matters
@@ -466,6 +468,20 @@ def layer_norm_packed(LN, dtype, width=WIDTH, tokens=IMAGES * 50 + TEXTS * TEXT_
     LN.layer_norm_bwd(torch.empty_like(y), s, w, ids, shift, rstd, torch.empty_like(s), max_programs=4 * N_SMS)
 
 
+def layer_norm_autocast(LN, dtype, width=WIDTH, tokens=IMAGES * 50 + TEXTS * TEXT_LEN, modalities=MODALITIES):
+    """Under autocast the residual stream stays fp32 while the update ``x`` is 16-bit: the fused
+    residual LayerNorm reads both (the sum and output are fp32)."""
+    import torch
+
+    x = torch.empty(tokens, width, dtype=dtype, device="cuda")
+    r = torch.empty(tokens, width, dtype=torch.float32, device="cuda")
+    w = torch.empty(modalities, width, dtype=torch.float32, device="cuda")
+    b = torch.empty(modalities, width, dtype=torch.float32, device="cuda")
+    ids = torch.empty(tokens, dtype=torch.int8, device="cuda")
+    y, s, shift, rstd = LN.layer_norm_fwd(x, w, b, ids, 1e-5, r)
+    LN.layer_norm_bwd(torch.empty_like(y), s, w, ids, shift, rstd, torch.empty_like(s), max_programs=4 * N_SMS)
+
+
 def bias_act_ffn(BA, dtype, hidden=FFN, rows=IMAGES * 50 + TEXTS * TEXT_LEN, act="quick_gelu"):
     """``quick_gelu(x W1ᵀ + b1)`` of the FFN and its backward."""
     import torch
@@ -494,6 +510,8 @@ CLIP_CASES = [
     Case("attention", "packed B/32 varlen max 77", lambda A, dt: attention_packed(A, dt, 50)),
     Case("attention", "packed B/16 varlen max 197", lambda A, dt: attention_packed(A, dt, 197)),
     Case("layer_norm", "width 768 +residual, ids", lambda LN, dt: layer_norm_packed(LN, dt)),
+    Case("layer_norm", "width 768 +fp32 residual (autocast), ids", lambda LN, dt: layer_norm_autocast(LN, dt),
+         dtypes=("bf16", "fp16"), optional=True),
     Case("bias_act", "FFN 3072 quick_gelu", lambda BA, dt: bias_act_ffn(BA, dt)),
     Case("contrastive", "embed 512, N=4096", lambda C, dt: contrastive_loss(C, dt)),
 ]
@@ -510,12 +528,22 @@ def record_calls(group: str, call: Callable) -> list[Launch]:
     return launches
 
 
-def record(cases: Iterable[Case], dtypes: Iterable[str]) -> list[tuple[Case, str, Launch]]:
-    """Run every case's launchers on fake CUDA tensors; (case, dtype, launch) per launch."""
+def record(cases: Iterable[Case], dtypes: Iterable[str], notes: list | None = None) -> list[tuple[Case, str, Launch]]:
+    """Run every case's launchers on fake CUDA tensors; (case, dtype, launch) per launch. An
+    optional case that the launchers refuse is described in ``notes`` instead."""
     out = []
     for dt in dtypes:
         for case in cases:
-            launches = record_calls(case.group, lambda mod: case.run(mod, _torch_dtype(dt)))
+            if case.dtypes is not None and dt not in case.dtypes:
+                continue
+            try:
+                launches = record_calls(case.group, lambda mod: case.run(mod, _torch_dtype(dt)))
+            except (ValueError, TypeError) as e:
+                if not case.optional:
+                    raise
+                if notes is not None:
+                    notes.append(f"{case.group} [{case.shape}] {dt}: not launched ({type(e).__name__}: {e})")
+                continue
             out.extend((case, dt, ln) for ln in launches)
     return out
 
@@ -725,15 +753,16 @@ def _emulate(cx: dict):
     return None
 
 
-def build_rows(dtypes=("bf16", "fp32"), cases=None, arch: int = 90, log=print, jobs: int = 1) -> list[dict]:
+def build_rows(dtypes=("bf16", "fp32"), cases=None, arch: int = 90, log=print, jobs: int = 1,
+               notes: list | None = None) -> list[dict]:
     """Record, dedupe, compile and measure: one row per distinct compiled variant, with the
-    shapes that launch it."""
+    shapes that launch it (``notes``: see :func:`record`)."""
     cases = CLIP_CASES if cases is None else cases
     ptxas = ptxas_path(arch)
     variants: dict[str, dict] = {}
-    for case, dt, launch in record(cases, dtypes):
+    for case, dt, launch in record(cases, dtypes, notes):
         spec = _specialize(launch, arch)
-        key = spec.key()
+        key = f"{dt} {spec.key()}"  # per io dtype: the autocast LN backward is the fp32 binary
         if key not in variants:
             cx, folded = _constexpr_names(spec)
             variants[key] = dict(
@@ -941,14 +970,15 @@ def run(dtypes=("bf16", "fp32"), arch: int = 90, command: str | None = None, log
     prepare_env()
     t0 = time.time()
     ptxas = ptxas_path(arch)
-    rows = build_rows(dtypes, arch=arch, log=log, jobs=jobs)
+    notes: list[str] = []
+    rows = build_rows(dtypes, arch=arch, log=log, jobs=jobs, notes=notes)
     return dict(
         report=NAME, command=command or "python -m bench.kernel_report",
         date=_dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), commit=git_commit(),
         triton_version=triton_version(), ptxas=ptxas, ptxas_version=ptxas_version(ptxas),
         target=f"cuda sm_{arch} (ptxas --gpu-name {rows[0].get('ptxas_arch', '?') if rows else '?'})",
         dtypes=list(dtypes), gated_dtypes=list(GATED_DTYPES), limits=SM90,
-        elapsed_s=round(time.time() - t0, 1), rows=rows,
+        elapsed_s=round(time.time() - t0, 1), notes=notes, rows=rows,
         failures=[dict(kernel=r["kernel"], dtype=r["dtype"], shapes=r["shapes"], why=r["check"])
                   for r in rows if r["check"]],
     )
@@ -995,6 +1025,8 @@ def main(argv: list[str] | None = None) -> int:
         other = json.loads(args.compare.read_text()) if args.compare else None
         write_section(args.write, section(doc, other))
         print(f"wrote the {NAME} section of {args.write}")
+    for n in doc.get("notes", []):
+        print(f"note: {n}")
     ungated = [r for r in doc["rows"] if not r["check"] and would_fail_ungated(r)]
     if args.quiet and ungated:
         print(f"note: {len(ungated)} {'/'.join(sorted({r['dtype'] for r in ungated}))} rows would fail the "

@@ -211,7 +211,9 @@ def test_report_compiles_every_clip_kernel(bench, tmp_path):
             assert r["registers_cubin"] == r["registers"], r
     # every CLIP shape is compiled, including varlen attention with per-sequence causal flags
     shapes = {s for r in rows for s in r["shapes"]}
-    assert shapes == {c.shape for c in bench.CLIP_CASES}
+    assert shapes <= {c.shape for c in bench.CLIP_CASES}
+    for c in bench.CLIP_CASES:  # an optional case the launchers refuse is noted, not dropped silently
+        assert c.shape in shapes or (c.optional and any(c.shape in n for n in doc["notes"])), c.shape
     assert any(r["constexprs"].get("VARLEN") and r["constexprs"].get("CAUSAL_MODE") == 2
                for r in rows if r["kernel"] == "attention._attn_fwd_kernel")
     ln = [r for r in rows if r["kernel"] == "layer_norm._ln_fwd_kernel"]
@@ -226,23 +228,19 @@ def test_fallback_specialization_matches_tritons_binder():
     """The plain specialization (used if Triton's binder internals change) agrees with Triton's own
     on real launches: do_not_specialize, divisibility and ints equal to 1 folded."""
     code = """
-import sys
 from bench import kernel_report as kr
-kr.prepare_env()
-import torch
 n = 0
-for case in kr.CLIP_CASES:
-    for launch in kr.record_calls(case.group, lambda m: case.run(m, torch.bfloat16)):
-        a, b = kr._specialize(launch), kr._specialize_fallback(launch)
-        assert a.how == "jit-binder", a.how
-        assert a.signature == b.signature, (launch.fn.__name__, a.signature, b.signature)
-        assert a.constexprs == b.constexprs, (launch.fn.__name__, a.constexprs, b.constexprs)
-        na = {k: v for k, v in a.attrs.items() if v}
-        assert na == b.attrs, (launch.fn.__name__, na, b.attrs)
-        for k in ("num_warps", "num_stages"):
-            if k in b.options:
-                assert a.options[k] == b.options[k]
-        n += 1
+for case, dt, launch in kr.record(kr.CLIP_CASES, ["bf16"]):
+    a, b = kr._specialize(launch), kr._specialize_fallback(launch)
+    assert a.how == "jit-binder", a.how
+    assert a.signature == b.signature, (launch.fn.__name__, a.signature, b.signature)
+    assert a.constexprs == b.constexprs, (launch.fn.__name__, a.constexprs, b.constexprs)
+    na = {k: v for k, v in a.attrs.items() if v}
+    assert na == b.attrs, (launch.fn.__name__, na, b.attrs)
+    for k in ("num_warps", "num_stages"):
+        if k in b.options:
+            assert a.options[k] == b.options[k]
+    n += 1
 print("compared", n)
 """
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
