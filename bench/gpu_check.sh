@@ -42,7 +42,7 @@ fi
 if [[ -n "${GPU_CHECK_TRITON_CACHE:-}" ]]; then export TRITON_CACHE_DIR=$GPU_CHECK_TRITON_CACHE; OWN_CACHE=0
 else export TRITON_CACHE_DIR=$(mktemp -d "${TMPDIR:-/tmp}/msclip_triton_cache.XXXXXX"); OWN_CACHE=1; fi
 START=$(date +%s)
-LIMIT_TOTAL=${GPU_CHECK_LIMIT_S:-570}
+LIMIT_TOTAL=${GPU_CHECK_LIMIT_S:-$([[ $DRY == 1 ]] && echo 2400 || echo 570)}  # dry run: 2 CPU cores, interpreter
 : >"$OUT/status.txt"
 eval "$("$PY" -c "
 import json

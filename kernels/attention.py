@@ -362,7 +362,7 @@ def _config(head_dim: int, dtype: torch.dtype, device: torch.device, bwd: bool,
     if dtype == torch.float32:
         # fp32 tiles hold twice the registers of 16-bit ones: small tiles keep them out of spills
         if block_k <= 64:
-            return AttnConfig(32, 32, block_k, 4, 1 if bwd else 2, False, prec)
+            return AttnConfig(32, 32, block_k, 8 if bwd else 4, 1 if bwd else 2, False, prec)
         return AttnConfig(32 if bwd else 16, 16 if bwd else 32, block_k, 4, 1, False, prec)
     if bwd:
         if block_k > 64:

@@ -196,7 +196,9 @@ def _config(d: int, dtype: torch.dtype, device: torch.device, bwd: bool, n: int 
         return LossConfig(t, t, bd, bdo, 4, 1, True, prec)
     fp32 = dtype == torch.float32
     if bwd:
-        return LossConfig(64, 64, min(bd, 32 if fp32 else 64), bdo, 8, (1 if fp32 else 2), False, prec)
+        if fp32:  # a (64, 256) fp32 accumulator spills: 128 output columns (D = 512: 4 recomputes)
+            return LossConfig(64, 32, 32, min(bdo, 128), 8, 1, False, prec)
+        return LossConfig(64, 64, min(bd, 64), bdo, 8, 2, False, prec)
     return LossConfig((64 if fp32 else 128), 64, min(bd, 32 if fp32 else 64), bdo, (4 if fp32 else 8),
                       (2 if fp32 else 3), False, prec)
 
