@@ -2,7 +2,9 @@
 
 One launch normalizes the rows of every modality, each row with the gain/bias row of its
 modality (``weight``/``bias`` are ``(M, D)``), optionally after a fused residual add whose sum
-is also written (it is the next block's residual stream).
+is also written (it is the next block's residual stream). ``x`` and the residual may have
+different dtypes (autocast: bf16/fp16 update, fp32 stream): both are read as fp32 and the sum
+and output are stored in the launcher's promoted dtype.
 
 Numerics (DESIGN §7): statistics in fp32 whatever the input dtype; eps inside the rsqrt
 (TF style, as MS-CLIP); the row is shifted by its first element before the mean/variance
@@ -175,15 +177,22 @@ def layer_norm_fwd(x, weight, bias, modality_ids, eps: float, residual=None):
         weight, bias: ``(M, D)`` (any float dtype; read as fp32).
         modality_ids: ``(T,)`` integer tensor or a Python int.
         eps: variance epsilon.
-        residual: optional ``(T, D)`` like ``x``.
+        residual: optional contiguous ``(T, D)`` fp32/fp16/bf16 rows, of x's dtype or another
+            one (mixed precision: e.g. an fp32 residual stream and a bf16 update ``x``).
     Returns:
-        ``(y, s, shift, rstd)``: ``y`` ``(T, D)`` in x's dtype; ``s`` the sum ``x + residual``
-        (``None`` without residual); ``shift``/``rstd`` ``(T,)`` fp32 statistics for the
-        backward.
+        ``(y, s, shift, rstd)``: ``s`` the sum ``x + residual`` (``None`` without residual) in
+        ``torch.promote_types(x.dtype, residual.dtype)``, as torch's ``x + residual``; ``y``
+        ``(T, D)`` in the dtype of what was normalized (x's, or the sum's);
+        ``shift``/``rstd`` ``(T,)`` fp32 statistics for the backward.
     """
     T, D = x.shape
-    y = torch.empty_like(x)
-    s = torch.empty_like(x) if residual is not None else None
+    if residual is not None:
+        # the kernel reads both as fp32 and stores S and Y in their own element types
+        sdt = torch.promote_types(x.dtype, residual.dtype)
+        s = torch.empty((T, D), dtype=sdt, device=x.device)
+        y = torch.empty((T, D), dtype=sdt, device=x.device)
+    else:
+        s, y = None, torch.empty_like(x)
     shift = torch.empty(T, dtype=torch.float32, device=x.device)
     rstd = torch.empty(T, dtype=torch.float32, device=x.device)
     if T == 0:
@@ -205,7 +214,8 @@ def layer_norm_bwd(dy, xs, weight, modality_ids, shift, rstd, ds=None, max_progr
 
     Args:
         dy: ``(T, D)`` gradient of the normalized output.
-        xs: ``(T, D)`` what was normalized (``x`` or the stored sum ``x + residual``).
+        xs: ``(T, D)`` what was normalized (``x`` or the stored sum ``x + residual``); ``dy``
+            and ``ds`` may have other float dtypes (each is read as fp32).
         weight: ``(M, D)``.
         modality_ids: as in :func:`layer_norm_fwd`.
         shift, rstd: ``(T,)`` fp32 from the forward.

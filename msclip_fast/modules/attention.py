@@ -39,19 +39,24 @@ class MultiheadSelfAttention(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, x: torch.Tensor, causal: bool | torch.Tensor = False,
-                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
         """Attend.
 
         Args:
             x: ``(B, L, D)``; or packed ``(T, D)`` with ``cu_seqlens``.
             causal: bool (batched), or bool / ``(S,)`` bool tensor (packed, one per sequence).
             cu_seqlens: ``(S+1,)`` int32 sequence starts for the packed layout.
+            max_seqlen: packed layout: the longest sequence as a host int (e.g.
+                :attr:`PackedBatch.max_seqlen`), so the varlen kernel needs no host sync to
+                size its grid; None lets the op read it from ``cu_seqlens``.
         Returns:
             Tensor shaped like ``x``.
         """
         H, K = self.heads, self.width // self.heads
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         if cu_seqlens is None:
+            if max_seqlen is not None:
+                raise ValueError(f"max_seqlen={max_seqlen!r} is for the packed layout (it needs cu_seqlens)")
             if x.dim() != 3:
                 raise ValueError(f"x must be (B, L, D) without cu_seqlens, got shape {tuple(x.shape)}")
             B, L, _ = x.shape
@@ -62,7 +67,8 @@ class MultiheadSelfAttention(nn.Module):
                 raise ValueError(f"x must be (T, D) with cu_seqlens, got shape {tuple(x.shape)}")
             T = x.shape[0]
             q, k, v = qkv.view(T, 3, H, K).unbind(1)  # each (T, H, K)
-            o = ops.attention(q, k, v, cu_seqlens=cu_seqlens, causal=causal).reshape(T, self.width)
+            o = ops.attention(q, k, v, cu_seqlens=cu_seqlens, causal=causal, max_seqlen=max_seqlen)
+            o = o.reshape(T, self.width)
         return self.out_proj(o)
 
     def extra_repr(self) -> str:

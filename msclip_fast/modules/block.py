@@ -150,7 +150,8 @@ class TransformerBlock(nn.Module):
         """Run a packed two-modality batch through this block (DESIGN §3).
 
         QKV, out-projection and both FFN GEMMs run once over all ``T`` rows; attention is one
-        varlen call with a per-sequence causal flag; each LayerNorm is one modality-indexed
+        varlen call with a per-sequence causal flag and the host-side ``pack.max_seqlen`` (no
+        host sync); each LayerNorm is one modality-indexed
         call (``pack.modality_ids``; block-local ids equal global ids since modalities are
         (0, 1)). The parallel FFN, when present, is one grouped call over the two contiguous
         modality segments.
@@ -178,7 +179,7 @@ class TransformerBlock(nn.Module):
             h = self.ln_1(x, ids)
         else:
             h, x = self.ln_1(pending, ids, residual=x)
-        a = self.attn(h, causal=pack.causal, cu_seqlens=pack.cu_seqlens)
+        a = self.attn(h, causal=pack.causal, cu_seqlens=pack.cu_seqlens, max_seqlen=pack.max_seqlen)
         h, x = self.ln_2(a, ids, residual=x)
         y = self.mlp(h)
         if self.parallel_ffn is not None:

@@ -24,6 +24,8 @@ class PackedBatch:
         causal: ``(S,)`` bool, one flag per sequence (images False, texts True).
         modality_ids: ``(T,)`` int8 (0 image rows, then 1 text rows).
         num_images, image_len, num_texts, text_len: the host-side shapes.
+        max_seqlen: the longest sequence, a host int (the varlen attention's ``max_seqlen``:
+            passing it saves a device read-back per attention call).
     """
 
     cu_seqlens: torch.Tensor
@@ -33,6 +35,7 @@ class PackedBatch:
     image_len: int
     num_texts: int
     text_len: int
+    max_seqlen: int
 
     @property
     def image_rows(self) -> int:
@@ -74,7 +77,8 @@ class PackedBatch:
                          torch.full((num_texts * text_len,), TEXT, dtype=torch.int8)])
         if device is not None and torch.device(device).type != "cpu":
             cu, causal, ids = (t.to(device, non_blocking=True) for t in (cu, causal, ids))
-        return cls(cu, causal, ids, int(num_images), int(image_len), int(num_texts), int(text_len))
+        max_seqlen = max(int(image_len) if num_images else 0, int(text_len) if num_texts else 0)
+        return cls(cu, causal, ids, int(num_images), int(image_len), int(num_texts), int(text_len), max_seqlen)
 
     def pack(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
         """``(B_img, L_img, D)`` and ``(B_txt, L_txt, D)`` -> ``(T, D)``, images first."""

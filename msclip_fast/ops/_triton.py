@@ -1,4 +1,4 @@
-"""Shared plumbing of the ``"triton"`` backends: availability, input checks, lazy kernel import.
+"""Shared plumbing of the ``"triton"`` backends: availability, device/dtype limits, lazy kernel import.
 
 Nothing here imports Triton at module import time, so ``msclip_fast.ops`` loads on machines
 without it (DESIGN §9, apex-style lazy import). Triton kernels run on CUDA tensors, or on CPU
@@ -63,8 +63,9 @@ def _loaded_interpreted() -> bool | None:
     return None
 
 
-def triton_supports(*tensors, dtypes=TRITON_DTYPES) -> list[str]:
-    """Reasons the Triton kernels cannot take these tensors (device, dtype)."""
+def tensor_reasons(*tensors, dtypes=TRITON_DTYPES) -> list[str]:
+    """Reasons the Triton kernels cannot take these tensors (device, dtype): the part of every
+    ``<op>_triton.triton_supports`` shared by all ops."""
     reasons = []
     ts = [t for t in tensors if isinstance(t, torch.Tensor)]
     if any(not t.is_cuda for t in ts):
@@ -81,8 +82,8 @@ def triton_supports(*tensors, dtypes=TRITON_DTYPES) -> list[str]:
     return reasons
 
 
-def triton_auto_skip(*tensors) -> list[str]:
-    """Why ``"auto"`` passes over Triton although it could run: CPU tensors (interpreter)."""
+def interpreter_auto_skip(*tensors) -> list[str]:
+    """Shared ``triton_auto_skip``: why ``"auto"`` passes over Triton although it could run: CPU tensors (interpreter)."""
     if any(isinstance(t, torch.Tensor) and not t.is_cuda for t in tensors):
         return ["CPU tensors (the Triton interpreter is for tests: select backend='triton' by name)"]
     return []

@@ -9,16 +9,19 @@ Layouts (FlashAttention conventions):
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
 
 from . import attention_triton as _att
-from ._triton import triton_available
-from .registry import Backend, Op, tensor_reasons
+from .registry import Backend, Op
 
 
-def _check(q, k, v, cu_seqlens, causal):
+def validate_attention(q, k, v, cu_seqlens=None, causal=False, scale=None, max_seqlen=None) -> None:
+    """The op's input validation (run once, before backend selection; ``attention_ref`` calls
+    it too). Raises ValueError naming the field. Reads no device value back: the checks of
+    ``cu_seqlens``' values run only for CPU tensors (:func:`check_cu_seqlens_host`)."""
     if q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must have one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not q.is_floating_point() or q.dtype != k.dtype or q.dtype != v.dtype:
@@ -28,22 +31,44 @@ def _check(q, k, v, cu_seqlens, causal):
             raise ValueError(f"q must be (B, H, L, K) without cu_seqlens, got shape {tuple(q.shape)}")
         if isinstance(causal, torch.Tensor):
             raise ValueError("a per-sequence causal tensor needs cu_seqlens")
-    else:
-        if q.dim() != 3:
-            raise ValueError(f"q must be (T, H, K) with cu_seqlens, got shape {tuple(q.shape)}")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise ValueError(f"cu_seqlens must be (S+1,) with S >= 1, got shape {tuple(cu_seqlens.shape)}")
-        if isinstance(causal, torch.Tensor) and causal.numel() != cu_seqlens.numel() - 1:
+        if max_seqlen is not None:
+            raise ValueError(f"max_seqlen={max_seqlen!r} is for the varlen layout (it needs cu_seqlens)")
+        return
+    if q.dim() != 3:
+        raise ValueError(f"q must be (T, H, K) with cu_seqlens, got shape {tuple(q.shape)}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be (S+1,) with S >= 1, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool:
+        raise ValueError(f"cu_seqlens must be an integer tensor (int32), got dtype {cu_seqlens.dtype}")
+    if isinstance(causal, torch.Tensor) and causal.numel() != cu_seqlens.numel() - 1:
+        raise ValueError(
+            f"causal must have one flag per sequence ({cu_seqlens.numel() - 1}), got {causal.numel()}"
+        )
+    if max_seqlen is not None:
+        if isinstance(max_seqlen, (bool, torch.Tensor)) or not isinstance(max_seqlen, numbers.Integral):
             raise ValueError(
-                f"causal must have one flag per sequence ({cu_seqlens.numel() - 1}), got {causal.numel()}"
+                f"max_seqlen must be a host int (a tensor would cost a host sync), got {type(max_seqlen).__name__}"
             )
-        if cu_seqlens.device.type == "cpu":  # elsewhere the check would cost a host sync per call
-            b = cu_seqlens.tolist()
-            if b[0] != 0 or b[-1] != q.shape[0] or any(y < x for x, y in zip(b, b[1:])):
-                raise ValueError(
-                    f"cu_seqlens must rise from 0 to T={q.shape[0]} (non-decreasing), got {b[:8]}"
-                    + ("..." if len(b) > 8 else "")
-                )
+        if max_seqlen < 0:
+            raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
+    if cu_seqlens.device.type == "cpu":  # elsewhere the check would cost a host sync per call
+        check_cu_seqlens_host(cu_seqlens, q.shape[0], max_seqlen)
+
+
+def check_cu_seqlens_host(cu_seqlens, total: int, max_seqlen=None) -> None:
+    """Value checks of a CPU ``cu_seqlens`` (part of :func:`validate_attention`; the only place
+    of the op that reads tensor values on the host): rises from 0 to ``total`` (non-decreasing),
+    and ``max_seqlen``, when given, is at least the longest sequence."""
+    b = cu_seqlens.tolist()
+    if b[0] != 0 or b[-1] != total or any(y < x for x, y in zip(b, b[1:])):
+        raise ValueError(
+            f"cu_seqlens must rise from 0 to T={total} (non-decreasing), got {b[:8]}"
+            + ("..." if len(b) > 8 else "")
+        )
+    if max_seqlen is not None:
+        longest = max(y - x for x, y in zip(b, b[1:]))
+        if max_seqlen < longest:
+            raise ValueError(f"max_seqlen={max_seqlen} is less than the longest sequence in cu_seqlens ({longest})")
 
 
 def _dense(q, k, v, causal: bool, scale: float):
@@ -58,10 +83,16 @@ def _dense(q, k, v, causal: bool, scale: float):
     return torch.matmul(p, v)
 
 
-def attention_ref(q, k, v, cu_seqlens=None, causal=False, scale=None):
+def attention_ref(q, k, v, cu_seqlens=None, causal=False, scale=None, max_seqlen=None):
     """Plain PyTorch attention, the oracle for every other backend (same arguments as
-    :func:`attention`). Materializes the ``L x L`` scores per sequence."""
-    _check(q, k, v, cu_seqlens, causal)
+    :func:`attention`; ``max_seqlen`` is validated, not needed). Materializes the ``L x L``
+    scores per sequence."""
+    validate_attention(q, k, v, cu_seqlens, causal, scale, max_seqlen)
+    return _attention_ref(q, k, v, cu_seqlens, causal, scale, max_seqlen)
+
+
+def _attention_ref(q, k, v, cu_seqlens=None, causal=False, scale=None, max_seqlen=None):
+    """The "reference" backend (inputs validated by the op)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if cu_seqlens is None:
         return _dense(q, k, v, bool(causal), scale)
@@ -98,43 +129,32 @@ def varlen_groups(bounds: list[int], flags: list[bool]) -> list[tuple[int, int, 
     return [tuple(g) for g in groups]
 
 
-def _sdpa(q, k, v, cu_seqlens=None, causal=False, scale=None):
-    _check(q, k, v, cu_seqlens, causal)
+def _sdpa(q, k, v, cu_seqlens=None, causal=False, scale=None, max_seqlen=None):
+    """The "sdpa" backend: torch's scaled_dot_product_attention (batched layout)."""
     return F.scaled_dot_product_attention(q, k, v, is_causal=bool(causal), scale=scale)
 
 
-def _sdpa_supports(q, k, v, cu_seqlens=None, causal=False, scale=None):
+def sdpa_supports(q, k, v, cu_seqlens=None, causal=False, scale=None, max_seqlen=None) -> list[str]:
     return ["varlen (cu_seqlens) layout not supported"] if cu_seqlens is not None else []
 
 
-def _triton(q, k, v, cu_seqlens=None, causal=False, scale=None):
-    _check(q, k, v, cu_seqlens, causal)
-    return _att.attention_triton(q, k, v, cu_seqlens=cu_seqlens, causal=causal, scale=scale)
-
-
-def _xformers(q, k, v, cu_seqlens=None, causal=False, scale=None):
-    _check(q, k, v, cu_seqlens, causal)
-    return _att.attention_xformers(q, k, v, cu_seqlens=cu_seqlens, causal=causal, scale=scale)
-
-
-_OP = Op("attention")
-_OP.register(Backend("reference", attention_ref))
-_OP.register(Backend("sdpa", _sdpa, supports=_sdpa_supports))
+_OP = Op("attention", validate=validate_attention)
+_OP.register(Backend("reference", _attention_ref))
+_OP.register(Backend("sdpa", _sdpa, supports=sdpa_supports))
 # "triton" first: auto takes it for CUDA tensors, the reference for CPU tensors
 _OP.register(
-    Backend("triton", _triton, supports=_att.supports, available=triton_available, auto_skip=_att.auto_skip),
+    Backend("triton", _att.attention_triton, supports=_att.triton_supports, available=_att.triton_available,
+            auto_skip=_att.triton_auto_skip),
     before="reference",
 )
 # a peer for benchmarks and users; never chosen by "auto" (Triton or the reference is)
 _OP.register(
-    Backend(
-        "xformers", _xformers, supports=_att.xformers_supports, available=_att.xformers_available,
-        auto_skip=lambda *a, **k: ["peer backend: select backend='xformers' by name"],
-    )
+    Backend("xformers", _att.attention_xformers, supports=_att.xformers_supports,
+            available=_att.xformers_available, auto_skip=_att.xformers_auto_skip)
 )
 
 
-def attention(q, k, v, cu_seqlens=None, causal=False, scale=None, backend: str = "auto"):
+def attention(q, k, v, cu_seqlens=None, causal=False, scale=None, max_seqlen=None, backend: str = "auto"):
     """Softmax attention ``softmax(q kᵀ · scale [+ causal mask]) v`` (Vaswani et al. 2017).
 
     Args:
@@ -143,6 +163,10 @@ def attention(q, k, v, cu_seqlens=None, causal=False, scale=None, backend: str =
         cu_seqlens: ``(S+1,)`` int32 sequence boundaries for the varlen layout, or None.
         causal: bool, or ``(S,)`` bool tensor with one flag per packed sequence.
         scale: softmax scale; default ``1/sqrt(K)``.
+        max_seqlen: varlen only: a host int >= the longest sequence (FlashAttention's
+            ``max_seqlen``). The caller knows it (e.g. :class:`~msclip_fast.modules.PackedBatch`);
+            when None the Triton backend reads it from ``cu_seqlens`` with one host sync per
+            call. Checked against ``cu_seqlens`` when that is a CPU tensor.
         backend: "auto" (Triton for CUDA tensors, else the reference), "reference", "sdpa"
             (torch SDPA, batched layout only), "triton" (fp32/fp16/bf16, head dim <= 128,
             deterministic backward; CPU tensors only under ``TRITON_INTERPRET=1``),
@@ -150,10 +174,10 @@ def attention(q, k, v, cu_seqlens=None, causal=False, scale=None, backend: str =
     Returns:
         Tensor shaped like ``q``, in ``q.dtype``.
     Raises:
-        ValueError: mismatched shapes, a bad ``cu_seqlens``/``causal``, or an explicit
-            backend that cannot run these inputs.
+        ValueError: mismatched shapes, a bad ``cu_seqlens``/``causal``/``max_seqlen``, or an
+            explicit backend that cannot run these inputs.
     """
-    return _OP(q, k, v, cu_seqlens=cu_seqlens, causal=causal, scale=scale, backend=backend)
+    return _OP(q, k, v, cu_seqlens=cu_seqlens, causal=causal, scale=scale, max_seqlen=max_seqlen, backend=backend)
 
 
 attention.op = _OP

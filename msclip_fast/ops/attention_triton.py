@@ -1,4 +1,6 @@
-"""The ``"triton"`` and ``"xformers"`` backends of :func:`msclip_fast.ops.attention`.
+"""The ``"triton"`` and ``"xformers"`` backends of :func:`msclip_fast.ops.attention`, each with
+its ``<backend>_available`` / ``<backend>_supports`` / ``<backend>_auto_skip`` checks (limits of
+the backend only: the op's ``validate`` step has checked the inputs).
 
 "triton": an autograd Function over ``msclip_fast.kernels.attention`` (flash forward saving
 the fp32 log-sum-exp, deterministic backward), batched and varlen, per-sequence causal flags.
@@ -12,21 +14,26 @@ import importlib
 
 import torch
 
-from ._triton import kernels, triton_auto_skip, triton_supports
+from ._triton import interpreter_auto_skip, kernels, tensor_reasons
+from ._triton import triton_available  # noqa: F401  (this backend's availability check)
 
 MAX_HEAD_DIM = 128  # kernels.attention.MAX_HEAD_DIM, restated so checks need no Triton
 
 
 class AttentionFn(torch.autograd.Function):
     """``(q, k, v, cu_seqlens, causal, scale, max_seqlen) -> o``; saves q, k, v, o and the
-    fp32 log-sum-exp (``(B, H, L)`` or ``(H, T)``), never the ``L x L`` probabilities."""
+    fp32 log-sum-exp (``(B, H, L)`` or ``(H, T)``), never the ``L x L`` probabilities.
+
+    Host syncs: none when ``max_seqlen`` (a host int) is given with ``cu_seqlens`` on q's
+    device; with ``max_seqlen=None`` the forward reads the longest sequence back once (the
+    backward reuses it)."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, causal, scale, max_seqlen):
         kern = kernels("attention")
         if cu_seqlens is not None:
             cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
-            if max_seqlen is None:
+            if max_seqlen is None:  # the one host sync of this op; callers that know it pass it
                 max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
         o, lse = kern.attention_fwd(q, k, v, cu_seqlens, causal, scale, max_seqlen)
         flags = causal if isinstance(causal, torch.Tensor) else None
@@ -45,22 +52,20 @@ class AttentionFn(torch.autograd.Function):
 
 
 def attention_triton(q, k, v, cu_seqlens=None, causal=False, scale=None, max_seqlen=None):
-    """Triton implementation of :func:`attention` (inputs validated by the caller).
+    """Triton implementation of :func:`attention` (inputs validated by the op).
     ``max_seqlen`` (varlen) saves the host sync that computes it."""
     return AttentionFn.apply(q, k, v, cu_seqlens, causal, scale, max_seqlen)
 
 
-def supports(q, k, v, cu_seqlens=None, causal=False, scale=None) -> list[str]:
-    reasons = triton_supports(q, k, v)
-    if q.dtype != k.dtype or q.dtype != v.dtype:
-        reasons.append(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+def triton_supports(q, k, v, cu_seqlens=None, causal=False, scale=None, max_seqlen=None) -> list[str]:
+    reasons = tensor_reasons(q, k, v)
     if q.shape[-1] > MAX_HEAD_DIM:
         reasons.append(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}")
     return reasons
 
 
-def auto_skip(q, k, v, cu_seqlens=None, causal=False, scale=None) -> list[str]:
-    return triton_auto_skip(q)
+def triton_auto_skip(q, k, v, cu_seqlens=None, causal=False, scale=None, max_seqlen=None) -> list[str]:
+    return interpreter_auto_skip(q)
 
 
 # ---------------------------------------------------------------------------- xformers
@@ -82,7 +87,7 @@ def xformers_available() -> list[str]:
     return reasons
 
 
-def xformers_supports(q, k, v, cu_seqlens=None, causal=False, scale=None) -> list[str]:
+def xformers_supports(q, k, v, cu_seqlens=None, causal=False, scale=None, max_seqlen=None) -> list[str]:
     reasons = []
     if not (q.is_cuda and k.is_cuda and v.is_cuda):
         reasons.append(f"needs CUDA tensors, got device {q.device}")
@@ -93,7 +98,11 @@ def xformers_supports(q, k, v, cu_seqlens=None, causal=False, scale=None) -> lis
     return reasons
 
 
-def attention_xformers(q, k, v, cu_seqlens=None, causal=False, scale=None):
+def xformers_auto_skip(*args, **kwargs) -> list[str]:
+    return ["peer backend: select backend='xformers' by name"]
+
+
+def attention_xformers(q, k, v, cu_seqlens=None, causal=False, scale=None, max_seqlen=None):
     """xformers ``memory_efficient_attention`` in this op's layouts (it wants (B, L, H, K))."""
     from xformers.ops import fmha
 

@@ -5,47 +5,44 @@ import torch
 import torch.nn.functional as F
 
 from . import bias_act_triton as _bat
-from ._triton import triton_available
+from . import ffn_triton as _ffnt
 from .registry import Backend, Op
 
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
 
 
-def bias_act_ref(x, bias=None, act: str = "quick_gelu"):
-    """Plain PyTorch reference for :func:`bias_act` (same arguments)."""
+def validate_bias_act(x, bias=None, act: str = "quick_gelu") -> None:
+    """The op's input validation (run once, before backend selection; the reference calls it
+    too). Raises ValueError naming the field."""
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating tensor, got dtype {x.dtype}")
+    if bias is not None and bias.shape != x.shape[-1:]:
+        raise ValueError(f"bias must be ({x.shape[-1]},), got {tuple(bias.shape)}")
+
+
+def bias_act_ref(x, bias=None, act: str = "quick_gelu"):
+    """Plain PyTorch reference for :func:`bias_act` (same arguments)."""
+    validate_bias_act(x, bias, act)
+    return _bias_act_ref(x, bias, act)
+
+
+def _bias_act_ref(x, bias=None, act: str = "quick_gelu"):
+    """The "reference" backend (inputs validated by the op)."""
     if bias is not None:
-        if bias.shape != x.shape[-1:]:
-            raise ValueError(f"bias must be ({x.shape[-1]},), got {tuple(bias.shape)}")
         x = x + bias
     if act == "quick_gelu":
         return x * torch.sigmoid(1.702 * x)
     return F.gelu(x, approximate="tanh" if act == "gelu_tanh" else "none")
 
 
-def _check_bias(x, bias, act):
-    if act not in ACTIVATIONS:
-        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
-    if bias is not None and bias.shape != x.shape[-1:]:
-        raise ValueError(f"bias must be ({x.shape[-1]},), got {tuple(bias.shape)}")
-
-
-def _triton(x, bias=None, act: str = "quick_gelu"):
-    _check_bias(x, bias, act)
-    return _bat.bias_act_triton(x, bias, act)
-
-
-_OP = Op("bias_act")
-_OP.register(Backend("reference", bias_act_ref))
+_OP = Op("bias_act", validate=validate_bias_act)
+_OP.register(Backend("reference", _bias_act_ref))
 # "triton" first: auto takes it for CUDA tensors, the reference for CPU tensors
 _OP.register(
-    Backend(
-        "triton", _triton, supports=_bat.bias_act_supports, available=triton_available,
-        auto_skip=_bat.bias_act_auto_skip,
-    ),
+    Backend("triton", _bat.bias_act_triton, supports=_bat.triton_supports, available=_bat.triton_available,
+            auto_skip=_bat.triton_auto_skip),
     before="reference",
 )
 
@@ -71,9 +68,13 @@ def bias_act(x, bias=None, act: str = "quick_gelu", backend: str = "auto"):
 bias_act.op = _OP
 
 
-def _check_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, act):
+def validate_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, act: str = "quick_gelu") -> None:
+    """The op's input validation (run once, before backend selection; the reference calls it
+    too). Raises ValueError naming the field."""
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating tensor, got dtype {x.dtype}")
     if fc_weight.dim() != 2 or fc_weight.shape[1] != x.shape[-1]:
         raise ValueError(f"fc_weight must be (N, {x.shape[-1]}), got {tuple(fc_weight.shape)}")
     if proj_weight.dim() != 2 or proj_weight.shape[1] != fc_weight.shape[0]:
@@ -86,22 +87,20 @@ def _check_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, act):
 
 def ffn_ref(x, fc_weight, fc_bias, proj_weight, proj_bias, act: str = "quick_gelu"):
     """Plain PyTorch reference for :func:`ffn` (same arguments): Linear → bias_act → Linear."""
-    _check_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, act)
-    return F.linear(bias_act_ref(F.linear(x, fc_weight), fc_bias, act), proj_weight, proj_bias)
+    validate_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, act)
+    return _ffn_ref(x, fc_weight, fc_bias, proj_weight, proj_bias, act)
 
 
-def _ffn_triton(x, fc_weight, fc_bias, proj_weight, proj_bias, act: str = "quick_gelu"):
-    _check_ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, act)
-    return _bat.ffn_triton(x, fc_weight, fc_bias, proj_weight, proj_bias, act)
+def _ffn_ref(x, fc_weight, fc_bias, proj_weight, proj_bias, act: str = "quick_gelu"):
+    """The "reference" backend (inputs validated by the op)."""
+    return F.linear(_bias_act_ref(F.linear(x, fc_weight), fc_bias, act), proj_weight, proj_bias)
 
 
-_FFN = Op("ffn")
-_FFN.register(Backend("reference", ffn_ref))
+_FFN = Op("ffn", validate=validate_ffn)
+_FFN.register(Backend("reference", _ffn_ref))
 _FFN.register(
-    Backend(
-        "triton", _ffn_triton, supports=_bat.ffn_supports, available=triton_available,
-        auto_skip=_bat.ffn_auto_skip,
-    ),
+    Backend("triton", _ffnt.ffn_triton, supports=_ffnt.triton_supports, available=_ffnt.triton_available,
+            auto_skip=_ffnt.triton_auto_skip),
     before="reference",
 )
 

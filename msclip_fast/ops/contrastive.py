@@ -6,11 +6,12 @@ import torch.nn.functional as F
 
 from . import contrastive_fused as _fused
 from . import contrastive_triton as _triton
-from ._triton import triton_available
 from .registry import Backend, Op
 
 
-def _check(img, txt, scale):
+def validate_contrastive_loss(img, txt, scale) -> None:
+    """The op's input validation (run once, before backend selection; the reference calls it
+    too). Raises ValueError naming the field. Reads no device value back."""
     if img.dim() != 2 or txt.dim() != 2:
         raise ValueError(f"img and txt must be (N, D), got {tuple(img.shape)} and {tuple(txt.shape)}")
     if img.shape[1] != txt.shape[1]:
@@ -22,29 +23,34 @@ def _check(img, txt, scale):
     for name, t in (("img", img), ("txt", txt), ("scale", scale)):
         if not t.is_floating_point():
             raise ValueError(f"{name} must be a floating tensor, got dtype {t.dtype}")
+    if img.shape[0] != txt.shape[0]:
+        raise ValueError(f"img and txt must have one row count N, got {img.shape[0]} and {txt.shape[0]}")
 
 
 def contrastive_loss_ref(img, txt, scale):
     """Plain PyTorch reference for :func:`contrastive_loss` (materializes the N x N logits)."""
-    _check(img, txt, scale)
-    if img.shape[0] != txt.shape[0]:
-        raise ValueError(f"img and txt must have one row count N, got {img.shape[0]} and {txt.shape[0]}")
+    validate_contrastive_loss(img, txt, scale)
+    return _contrastive_loss_ref(img, txt, scale)
+
+
+def _contrastive_loss_ref(img, txt, scale):
+    """The "reference" backend (inputs validated by the op)."""
     acc = torch.promote_types(img.dtype, torch.float32)
     logits = scale.to(acc).reshape(()) * (img.to(acc) @ txt.to(acc).t())
     labels = torch.arange(img.shape[0], device=img.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
 
-_OP = Op("contrastive_loss")
+_OP = Op("contrastive_loss", validate=validate_contrastive_loss)
 # registration order is the "auto" preference: cuda > triton > cpu > reference; "auto" never
 # picks triton for CPU tensors (interpreter: tests name it explicitly)
 _OP.register(Backend("cuda", _fused.contrastive_loss_fused, supports=_fused.cuda_supports,
                      available=_fused.cuda_available))
-_OP.register(Backend("triton", _triton.contrastive_loss_triton, supports=_triton.supports,
-                     available=triton_available, auto_skip=_triton.auto_skip))
+_OP.register(Backend("triton", _triton.contrastive_loss_triton, supports=_triton.triton_supports,
+                     available=_triton.triton_available, auto_skip=_triton.triton_auto_skip))
 _OP.register(Backend("cpu", _fused.contrastive_loss_fused, supports=_fused.cpu_supports,
                      available=_fused.cpu_available))
-_OP.register(Backend("reference", contrastive_loss_ref))
+_OP.register(Backend("reference", _contrastive_loss_ref))
 
 
 def contrastive_loss(img, txt, scale, backend: str = "auto"):
@@ -69,9 +75,6 @@ def contrastive_loss(img, txt, scale, backend: str = "auto"):
     Raises:
         ValueError: shape mismatch or an unusable backend.
     """
-    _check(img, txt, scale)
-    if img.shape[0] != txt.shape[0]:
-        raise ValueError(f"img and txt must have one row count N, got {img.shape[0]} and {txt.shape[0]}")
     return _OP(img, txt, scale, backend=backend)
 
 

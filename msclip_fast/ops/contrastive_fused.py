@@ -29,20 +29,19 @@ def load_extension():
 
 
 def _input_reasons(img, txt, scale, *, cuda: bool) -> list[str]:
+    """Limits of the extension (the op's ``validate`` step has checked shapes, N >= 1 and
+    floating dtypes): device, supported dtypes, one dtype for both, a CPU scale for CPU
+    features (a CUDA kernel reads the scale on the device; the extension copies it there)."""
     reasons = []
     where = "CUDA" if cuda else "CPU"
     for name, t in (("img", img), ("txt", txt)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 2:
-            return [f"{name} must be a 2-D tensor"]
         if t.is_cuda != cuda:
             reasons.append(f"needs {where} tensors, got {name} on {t.device}")
         if t.dtype not in _FUSED_DTYPES:
             reasons.append(f"{name} dtype {t.dtype} not supported (float32/float16/bfloat16)")
     if img.dtype != txt.dtype:
         reasons.append(f"img dtype {img.dtype} differs from txt dtype {txt.dtype}")
-    if img.shape[0] < 1:
-        reasons.append("needs N >= 1 rows")
-    if isinstance(scale, torch.Tensor) and not cuda and scale.is_cuda:
+    if not cuda and scale.is_cuda:
         reasons.append(f"scale must be on the CPU, got {scale.device}")
     return reasons
 
@@ -64,6 +63,8 @@ def cuda_available() -> list[str]:
     return reasons
 
 
+# "cpu" and "cuda" backends: <backend>_available / <backend>_supports (no auto_skip: "auto" may
+# take either whenever it can run)
 def cpu_supports(img, txt, scale) -> list[str]:
     return _input_reasons(img, txt, scale, cuda=False)
 
@@ -75,8 +76,9 @@ def cuda_supports(img, txt, scale) -> list[str]:
 class FusedContrastiveLoss(torch.autograd.Function):
     """Autograd wrapper: forward keeps (img, txt, scale, lse_row, lse_col); backward calls the
     extension, which recomputes the tiles. Non-contiguous inputs are made contiguous here (the
-    extension itself rejects them). Gradients: img, txt in their dtype; scale in its dtype and
-    shape."""
+    extension itself rejects them). Gradients: img, txt in their dtype; scale in its dtype,
+    shape and device (the extension returns d_scale on the features' device: a CPU scale with
+    CUDA features gets its gradient back on the CPU)."""
 
     @staticmethod
     def forward(ctx, img, txt, scale, tile: int = 0):
@@ -88,7 +90,7 @@ class FusedContrastiveLoss(torch.autograd.Function):
         loss, lse_row, lse_col = ext.contrastive_forward(img_c, txt_c, s, tile)
         ctx.save_for_backward(img_c, txt_c, s, lse_row, lse_col)
         ctx.tile = tile
-        ctx.scale_meta = (scale.dtype, scale.shape)
+        ctx.scale_meta = (scale.dtype, scale.shape, scale.device)
         return loss
 
     @staticmethod
@@ -99,8 +101,8 @@ class FusedContrastiveLoss(torch.autograd.Function):
         d_img, d_txt, d_scale = ext.contrastive_backward(
             img, txt, s, lse_row, lse_col, grad.reshape(()).float(), ctx.tile
         )
-        dtype, shape = ctx.scale_meta
-        d_scale = d_scale.to(dtype).reshape(shape)
+        dtype, shape, device = ctx.scale_meta
+        d_scale = d_scale.to(device=device, dtype=dtype).reshape(shape)
         needs = ctx.needs_input_grad
         return (d_img if needs[0] else None, d_txt if needs[1] else None,
                 d_scale if needs[2] else None, None)

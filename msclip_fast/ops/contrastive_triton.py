@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._triton import kernels, triton_auto_skip, triton_supports
+from ._triton import interpreter_auto_skip, kernels, tensor_reasons
+from ._triton import triton_available  # noqa: F401  (this backend's availability check)
 
 
 class TritonContrastiveLoss(torch.autograd.Function):
@@ -39,22 +40,20 @@ class TritonContrastiveLoss(torch.autograd.Function):
 
 def contrastive_loss_triton(img, txt, scale):
     """Triton implementation of :func:`msclip_fast.ops.contrastive_loss` (inputs validated by
-    the caller): float32/float16/bfloat16 features with fp32 accumulation, any N >= 1 and D."""
+    the op): float32/float16/bfloat16 features with fp32 accumulation, any N >= 1 and D."""
     return TritonContrastiveLoss.apply(img, txt, scale)
 
 
-def supports(img, txt, scale) -> list[str]:
-    reasons = triton_supports(img, txt)
+def triton_supports(img, txt, scale) -> list[str]:
+    """Limits of the Triton backend (the op's ``validate`` step has checked shapes and dtypes
+    being floating): devices, supported dtypes, one dtype for both, D >= 1."""
+    reasons = tensor_reasons(img, txt)
     if img.dtype != txt.dtype:
         reasons.append(f"img dtype {img.dtype} differs from txt dtype {txt.dtype}")
-    if img.shape[0] < 1:
-        reasons.append("needs N >= 1 rows")
     if img.shape[1] < 1:
         reasons.append("needs D >= 1 columns")
-    if isinstance(scale, torch.Tensor) and not scale.is_floating_point():
-        reasons.append(f"scale must be a float tensor, got {scale.dtype}")
     return reasons
 
 
-def auto_skip(img, txt, scale) -> list[str]:
-    return triton_auto_skip(img, txt)
+def triton_auto_skip(img, txt, scale) -> list[str]:
+    return interpreter_auto_skip(img, txt)

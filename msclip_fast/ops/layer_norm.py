@@ -6,42 +6,61 @@ from __future__ import annotations
 import torch
 
 from . import layer_norm_triton as _lnt
-from ._triton import triton_available
 from .registry import Backend, Op
 
 
-def _check(x, weight, bias, modality_ids, eps=1e-12):
+def validate_modality_layer_norm(x, weight, bias, modality_ids, eps: float = 1e-12, residual=None) -> None:
+    """The op's input validation (run once, before backend selection; the reference calls it
+    too). Raises ValueError naming the field. Reads no device value back: the range of tensor
+    ids is checked on CPU tensors only (:func:`check_ids_host`)."""
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating tensor, got dtype {x.dtype}")
     if weight.dim() != 2 or bias.shape != weight.shape:
         raise ValueError(
             f"weight and bias must be (M, D) of one shape, got {tuple(weight.shape)} and {tuple(bias.shape)}"
         )
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x last dim ({x.shape[-1]}) must equal the LayerNorm width D ({weight.shape[1]})")
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"residual shape {tuple(residual.shape)} must equal x shape {tuple(x.shape)}")
+        if not residual.is_floating_point():
+            raise ValueError(f"residual must be a floating tensor, got dtype {residual.dtype}")
     M = weight.shape[0]
     if isinstance(modality_ids, int):
         if not 0 <= modality_ids < M:
             raise ValueError(f"modality_ids={modality_ids} out of range for M={M} modalities")
-    else:
-        if modality_ids.shape != x.shape[:-1]:
-            raise ValueError(
-                f"modality_ids must have shape {tuple(x.shape[:-1])} (one id per row), got {tuple(modality_ids.shape)}"
-            )
-        if modality_ids.is_floating_point() or modality_ids.is_complex() or modality_ids.dtype == torch.bool:
-            raise ValueError(f"modality_ids must be an integer tensor, got dtype {modality_ids.dtype}")
-        if modality_ids.device.type == "cpu" and modality_ids.numel():  # elsewhere: a host sync
-            lo, hi = int(modality_ids.min()), int(modality_ids.max())
-            if lo < 0 or hi >= M:
-                raise ValueError(f"modality_ids hold values in [{lo}, {hi}], out of range for M={M} modalities")
+        return
+    if modality_ids.shape != x.shape[:-1]:
+        raise ValueError(
+            f"modality_ids must have shape {tuple(x.shape[:-1])} (one id per row), got {tuple(modality_ids.shape)}"
+        )
+    if modality_ids.is_floating_point() or modality_ids.is_complex() or modality_ids.dtype == torch.bool:
+        raise ValueError(f"modality_ids must be an integer tensor, got dtype {modality_ids.dtype}")
+    if modality_ids.device.type == "cpu" and modality_ids.numel():  # elsewhere: a host sync
+        check_ids_host(modality_ids, M)
+
+
+def check_ids_host(modality_ids, M: int) -> None:
+    """Range check of CPU ``modality_ids`` (part of :func:`validate_modality_layer_norm`, the
+    only place of the op that reads tensor values on the host; CUDA kernels trust the ids)."""
+    lo, hi = int(modality_ids.min()), int(modality_ids.max())
+    if lo < 0 or hi >= M:
+        raise ValueError(f"modality_ids hold values in [{lo}, {hi}], out of range for M={M} modalities")
 
 
 def modality_layer_norm_ref(x, weight, bias, modality_ids, eps: float = 1e-12, residual=None):
     """Plain PyTorch reference for :func:`modality_layer_norm` (same arguments)."""
-    _check(x, weight, bias, modality_ids, eps)
+    validate_modality_layer_norm(x, weight, bias, modality_ids, eps, residual)
+    return _modality_layer_norm_ref(x, weight, bias, modality_ids, eps, residual)
+
+
+def _modality_layer_norm_ref(x, weight, bias, modality_ids, eps: float = 1e-12, residual=None):
+    """The "reference" backend (inputs validated by the op). With a residual of another dtype
+    the sum, and so the output, is in the promoted dtype (``x + residual``)."""
     if residual is not None:
-        if residual.shape != x.shape:
-            raise ValueError(f"residual shape {tuple(residual.shape)} must equal x shape {tuple(x.shape)}")
         x = x + residual
     acc = torch.promote_types(x.dtype, torch.float32)
     xf = x.to(acc)
@@ -57,18 +76,12 @@ def modality_layer_norm_ref(x, weight, bias, modality_ids, eps: float = 1e-12, r
     return (out, x) if residual is not None else out
 
 
-def _triton(x, weight, bias, modality_ids, eps: float = 1e-12, residual=None):
-    _check(x, weight, bias, modality_ids, eps)
-    if residual is not None and residual.shape != x.shape:
-        raise ValueError(f"residual shape {tuple(residual.shape)} must equal x shape {tuple(x.shape)}")
-    return _lnt.modality_layer_norm_triton(x, weight, bias, modality_ids, eps=eps, residual=residual)
-
-
-_OP = Op("modality_layer_norm")
-_OP.register(Backend("reference", modality_layer_norm_ref))
+_OP = Op("modality_layer_norm", validate=validate_modality_layer_norm)
+_OP.register(Backend("reference", _modality_layer_norm_ref))
 # "triton" first: auto takes it for CUDA tensors, the reference for CPU tensors
 _OP.register(
-    Backend("triton", _triton, supports=_lnt.supports, available=triton_available, auto_skip=_lnt.auto_skip),
+    Backend("triton", _lnt.modality_layer_norm_triton, supports=_lnt.triton_supports,
+            available=_lnt.triton_available, auto_skip=_lnt.triton_auto_skip),
     before="reference",
 )
 
@@ -85,13 +98,18 @@ def modality_layer_norm(x, weight, bias, modality_ids, eps: float = 1e-12, resid
         modality_ids: ``(...)`` integer tensor (int8/int32/int64) with one id in ``[0, M)`` per
             row, or a Python int applying one modality to all rows.
         eps: variance epsilon (1e-12 in MS-CLIP).
-        residual: optional tensor shaped like ``x`` added to ``x`` before normalizing.
+        residual: optional float tensor shaped like ``x`` added to ``x`` before normalizing;
+            its dtype may differ from x's (under autocast: an fp32 residual stream and a
+            bf16/fp16 update): the sum and the output are then in the promoted dtype, and the
+            gradients in x's and residual's own dtypes.
         backend: "auto", "reference" or "triton" (CUDA tensors, fp32/fp16/bf16; CPU
             tensors under ``TRITON_INTERPRET=1``; out-of-range ids are not checked on CUDA).
     Returns:
-        ``out`` shaped like ``x``; with ``residual``, the pair ``(out, x + residual)``.
+        ``out`` shaped like ``x`` in x's dtype; with ``residual``, the pair
+        ``(out, x + residual)``, both in ``torch.promote_types(x.dtype, residual.dtype)``.
     Raises:
-        ValueError: shape mismatch, an out-of-range int modality, or an unusable backend.
+        ValueError: shape mismatch, a non-float ``x``/``residual``, an out-of-range modality
+            (tensor ids: checked on CPU tensors), or an unusable backend.
     """
     return _OP(x, weight, bias, modality_ids, eps=eps, residual=residual, backend=backend)
 

@@ -1,7 +1,11 @@
 """Backend registry and dispatch shared by every op in :mod:`msclip_fast.ops`.
 
-Each op registers its backends with a ``supports(*args, **kwargs) -> list[str]`` check that
-returns the reasons a backend cannot run those inputs (empty list: it can).  ``"auto"``
+An op validates its inputs in ONE place, its ``validate(*args, **kwargs)`` step (raises
+:class:`ValueError` naming the field and its value), run before any backend is selected; the
+public ``*_ref`` functions call the same step. Each backend then states only its own limits with
+a ``supports(*args, **kwargs) -> list[str]`` check that returns the reasons it cannot run those
+(already valid) inputs (empty list: it can). The backends of ``<op>_<backend>.py`` modules name
+these checks ``<backend>_supports``, ``<backend>_available`` and ``<backend>_auto_skip``.  ``"auto"``
 walks the op's preference order and takes the first backend with no reasons, logging once
 per (op, backend) when it falls back past a preferred one; an explicit backend that cannot
 run raises :class:`ValueError` naming every reason.  The environment variable
@@ -24,7 +28,9 @@ BACKEND_NAMES = ("reference", "sdpa", "xformers", "triton", "cpu", "cuda")
 class Backend:
     """One implementation of an op.
 
-    ``fn`` computes the op; ``supports`` returns why it cannot run the given inputs;
+    ``fn`` computes the op (on inputs the op's ``validate`` step accepted); ``supports``
+    returns why this backend cannot run the given inputs (its own limits only: device, dtypes,
+    sizes; never a re-check of what ``validate`` checks);
     ``available`` returns why it cannot run at all on this machine (missing package...);
     ``auto_skip`` returns why ``"auto"`` should pass over it for these inputs although an
     explicit request may run it (e.g. Triton on CPU tensors through the interpreter: correct
@@ -40,9 +46,15 @@ class Backend:
 
 @dataclass
 class Op:
-    """An op with its backends, in ``auto`` preference order."""
+    """An op with its input validation and its backends, in ``auto`` preference order.
+
+    ``validate`` (optional) takes the op's arguments (without ``backend``) and raises
+    ValueError for inputs no backend may see; it must not read device values back (no host
+    syncs on CUDA tensors): range checks that need the data run on CPU tensors only.
+    """
 
     name: str
+    validate: Callable[..., None] | None = None
     backends: dict[str, Backend] = field(default_factory=dict)
     _warned: set = field(default_factory=set)
 
@@ -66,12 +78,15 @@ class Op:
         return {name: list(b.available()) for name, b in self.backends.items()}
 
     def select(self, backend: str, *args, **kwargs) -> Backend:
-        """Resolve ``backend`` (a name or ``"auto"``) for these inputs.
+        """Validate the inputs (the op's ``validate`` step), then resolve ``backend`` (a name
+        or ``"auto"``) for them.
 
         Raises:
-            ValueError: unknown backend name, or an explicit backend that cannot run these
-                inputs (the message lists every reason).
+            ValueError: invalid inputs, an unknown backend name, or an explicit backend that
+                cannot run these inputs (the message lists every reason).
         """
+        if self.validate is not None:
+            self.validate(*args, **kwargs)
         if backend == "auto":
             env = os.environ.get("MSCLIP_FAST_BACKEND", "auto") or "auto"
             if env != "auto" and env not in BACKEND_NAMES:
@@ -114,24 +129,3 @@ class Op:
     def __call__(self, *args, backend: str = "auto", **kwargs):
         return self.select(backend, *args, **kwargs).fn(*args, **kwargs)
 
-
-def tensor_reasons(*tensors, cuda: bool | None = None, dtypes=None) -> list[str]:
-    """Common input checks: device placement and dtype support, as reasons (not raised)."""
-    import torch
-
-    reasons = []
-    for t in tensors:
-        if t is None or not isinstance(t, torch.Tensor):
-            continue
-        if cuda is True and not t.is_cuda:
-            reasons.append(f"needs CUDA tensors, got device {t.device}")
-            break
-        if cuda is False and t.is_cuda:
-            reasons.append(f"needs CPU tensors, got device {t.device}")
-            break
-    if dtypes is not None:
-        for t in tensors:
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype not in dtypes:
-                reasons.append(f"dtype {t.dtype} not supported")
-                break
-    return reasons

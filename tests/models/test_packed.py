@@ -1,5 +1,6 @@
 """Packed execution (DESIGN §3): packed == per-tower (outputs and gradients, fp64), one varlen
-attention call and one modality-indexed LayerNorm call per shared LN, no host syncs, refusal
+attention call (with a host-side max_seqlen) and one modality-indexed LayerNorm call per shared
+LN, no host syncs, refusal
 for configs that cannot pack, and the PackedBatch / grouped parallel-FFN pieces."""
 import pytest
 import torch
@@ -115,11 +116,13 @@ def test_one_call_per_shared_op_and_no_host_sync(name, monkeypatch):
     model = create_model(name, parallel_ffn_dim=8).to("meta")
     calls = {"varlen": [], "batched": 0, "ln_ids": 0}
 
-    def fake_attention(q, k, v, cu_seqlens=None, causal=False, scale=None, backend="auto"):
+    def fake_attention(q, k, v, cu_seqlens=None, causal=False, scale=None, max_seqlen=None, backend="auto"):
         if cu_seqlens is None:
             calls["batched"] += 1
+            assert max_seqlen is None
         else:
-            calls["varlen"].append((q.shape, cu_seqlens.shape, cu_seqlens.dtype, causal.shape, causal.dtype))
+            calls["varlen"].append((q.shape, cu_seqlens.shape, cu_seqlens.dtype, causal.shape, causal.dtype,
+                                    max_seqlen))
         return q * 1.0
 
     real_ln = ops.modality_layer_norm
@@ -140,9 +143,11 @@ def test_one_call_per_shared_op_and_no_host_sync(name, monkeypatch):
     L_img = model.config.grid_size**2 + 1
     T = N_IMG * L_img + N_TXT * 77
     assert len(calls["varlen"]) == n_shared
-    for q_shape, cu_shape, cu_dtype, c_shape, c_dtype in calls["varlen"]:
+    for q_shape, cu_shape, cu_dtype, c_shape, c_dtype, max_seqlen in calls["varlen"]:
         assert q_shape[0] == T and cu_shape == (N_IMG + N_TXT + 1,) and cu_dtype == torch.int32
         assert c_shape == (N_IMG + N_TXT,) and c_dtype == torch.bool
+        # the longest sequence comes from the host (no device read in the attention launcher)
+        assert type(max_seqlen) is int and max_seqlen == max(L_img, 77)
     # tower-only blocks (MS-CLIP-S text block 0) run batched
     assert calls["batched"] == len(model.text.blocks) + len(model.visual.blocks)
     assert calls["ln_ids"] == 2 * n_shared  # ln_1 and ln_2 of each shared block, one call each
@@ -169,6 +174,7 @@ def test_packed_batch_layout():
     assert pack.causal.tolist() == [False, False, True, True, True]
     assert pack.modality_ids.dtype == torch.int8 and pack.modality_ids.tolist() == [0] * 6 + [1] * 12
     assert pack.group_sizes == (6, 12) and pack.total_rows == 18
+    assert type(pack.max_seqlen) is int and pack.max_seqlen == 4
     xi, xt = torch.randn(2, 3, 8), torch.randn(3, 4, 8)
     x = pack.pack(xi, xt)
     assert x.shape == (18, 8)
@@ -182,6 +188,8 @@ def test_packed_batch_layout():
         PackedBatch.build(1, 3, 1, 0)
     only_text = PackedBatch.build(0, 3, 2, 4)
     assert only_text.cu_seqlens.tolist() == [0, 4, 8] and only_text.group_sizes == (0, 8)
+    assert only_text.max_seqlen == 4  # (image_len does not count without images)
+    assert PackedBatch.build(2, 50, 0, 77).max_seqlen == 50
 
 
 def test_parallel_ffn_grouped_equals_per_row_ids():
