@@ -47,8 +47,39 @@ constexpr int kSmemHalf = kOffB2 + BN * GLD * 2;          // 46080
 constexpr int kOffBf = kOffA + BM * FLD * 4;              // float: Bs[BN][FLD]
 constexpr int kSmemFloat = kOffBf + BN * FLD * 4;         // 34304
 constexpr int kSmem = kSmemHalf > kSmemFloat ? kSmemHalf : kSmemFloat;
+constexpr int kReduceThreads = 256;  // threads of the one-CTA reductions (loss_kernel, sum_kernel)
 static_assert(kSmem <= 48 * 1024, "static shared memory limit");
 static_assert(kOffA % 32 == 0 && kOffB % 32 == 0 && kOffG % 32 == 0 && kOffB2 % 32 == 0, "align");
+
+// Tile-shape assumptions the kernels below are written for: changing one constant must stop
+// the build here rather than silently compute a wrong loss.
+// - tile_product loads the A and the B tile in ONE loop over BM x BK elements (row rr of both),
+//   so a B tile has BM rows.
+static_assert(BM == BN, "tile_product loads A and B tiles with one BM x BK loop: BN must equal BM");
+// - two threads per tile row: lse_rows_kernel / grad_rows_kernel take r = tid >> 1 and each half
+//   of the row's BN columns (BK/2 features in the fp32 gradient product); the fp32 tile product
+//   takes r = tid & (BM - 1) and ch = tid / BM in {0, 1}.
+static_assert(kThreads == 2 * BM, "two threads per tile row: kThreads must be 2 * BM");
+static_assert((BM & (BM - 1)) == 0, "tid & (BM - 1) stands for tid % BM: BM must be a power of two");
+static_assert(BN % 2 == 0 && BK % 2 == 0, "the two threads of a row split BN columns and BK features in halves");
+// - whole warps: __shfl_xor_sync(0xffffffff, v, 1) merges the two threads of a row (adjacent
+//   lanes) and needs every lane of the warp; the WMMA path gives warp w tile rows [16w, 16w + 16).
+static_assert(kThreads % 32 == 0, "whole warps only (full-mask shuffles)");
+static_assert(BM == 16 * (kThreads / 32), "WMMA path: one 16-row slab of the tile per warp");
+static_assert(BN % 16 == 0 && BK % 16 == 0 && BD % 16 == 0, "WMMA 16x16x16 fragments tile BN, BK and BD");
+// - tree reductions halve their thread count down to 1.
+static_assert((kThreads & (kThreads - 1)) == 0, "grad_rows_kernel's d(scale) reduction needs a power of two");
+static_assert((kReduceThreads & (kReduceThreads - 1)) == 0, "loss/sum reductions need a power of two");
+// - shared-memory tiles: leading dimensions cover their rows, the dA chunk (BD features) is staged
+//   in S, the fp32 gradient path reuses As's region for its [BN][FLD] B chunk.
+static_assert(SLD >= BN && HLD >= BK && GLD >= BN && FLD >= BK, "leading dimensions cover a tile row");
+static_assert(BD <= BN && BD <= GLD, "the dA chunk (BD columns) fits S's rows and the B2s rows");
+static_assert(BN * FLD * 4 <= kOffBf - kOffA, "fp32 gradient path: B chunk [BN][FLD] fits As's region");
+// - WMMA: leading dimensions multiple of 8 (16-bit) / 4 (fp32); every fragment pointer (16-row
+//   slab offsets, 16-column offsets) 256-bit aligned.
+static_assert(HLD % 8 == 0 && GLD % 8 == 0 && SLD % 4 == 0, "WMMA leading dimensions");
+static_assert((16 * HLD * 2) % 32 == 0 && (16 * GLD * 2) % 32 == 0 && (16 * SLD * 4) % 32 == 0,
+              "WMMA fragment pointers stay 32-byte aligned");
 
 template <typename T>
 __device__ __forceinline__ T from_f(float x);
@@ -172,7 +203,7 @@ __global__ void __launch_bounds__(kThreads)
 __global__ void loss_kernel(const float* __restrict__ lse_row, const float* __restrict__ lse_col,
                             const float* __restrict__ diag, int64_t n,
                             const float* __restrict__ scale_ptr, float* __restrict__ loss) {
-  __shared__ double red[256];
+  __shared__ double red[kReduceThreads];  // launched with kReduceThreads threads
   const float scale = *scale_ptr;
   double acc = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
@@ -303,7 +334,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // d_scale = Σ partials (one CTA, fixed order).
 __global__ void sum_kernel(const float* __restrict__ part, int64_t m, float* __restrict__ out) {
-  __shared__ double red[256];
+  __shared__ double red[kReduceThreads];  // launched with kReduceThreads threads
   double acc = 0.0;
   for (int64_t i = threadIdx.x; i < m; i += blockDim.x) acc += part[i];
   red[threadIdx.x] = acc;
@@ -317,13 +348,16 @@ __global__ void sum_kernel(const float* __restrict__ part, int64_t m, float* __r
 
 int64_t row_blocks(int64_t n) { return (n + BM - 1) / BM; }
 
+// gridDim.x holds one CTA per BM rows
+bool grid_fits(int64_t n) { return row_blocks(n) <= 0x7fffffff; }
+
 template <typename T>
 cudaError_t forward_t(const T* I, const T* Tx, int64_t n, int64_t d, const float* scale,
                       float* lse_row, float* lse_col, float* diag, float* loss, cudaStream_t st) {
   const dim3 grid(static_cast<unsigned>(row_blocks(n)));
   lse_rows_kernel<T><<<grid, kThreads, 0, st>>>(I, Tx, n, d, scale, lse_row, diag);
   lse_rows_kernel<T><<<grid, kThreads, 0, st>>>(Tx, I, n, d, scale, lse_col, nullptr);
-  loss_kernel<<<1, 256, 0, st>>>(lse_row, lse_col, diag, n, scale, loss);
+  loss_kernel<<<1, kReduceThreads, 0, st>>>(lse_row, lse_col, diag, n, scale, loss);
   return cudaGetLastError();
 }
 
@@ -339,7 +373,7 @@ cudaError_t backward_t(const T* I, const T* Tx, int64_t n, int64_t d, const floa
                                                  dI, ws);
   grad_rows_kernel<T><<<grid, kThreads, 0, st>>>(Tx, I, n, d, scale, lse_col, lse_row, grad_out,
                                                  dT, nullptr);
-  sum_kernel<<<1, 256, 0, st>>>(ws, row_blocks(n), d_scale);
+  sum_kernel<<<1, kReduceThreads, 0, st>>>(ws, row_blocks(n), d_scale);
   return cudaGetLastError();
 }
 
@@ -350,7 +384,7 @@ int64_t backward_workspace_floats(int64_t n) { return row_blocks(n) + 1; }
 cudaError_t launch_forward(const void* img, const void* txt, CudaDType dtype, int64_t n, int64_t d,
                            const float* scale, float* lse_row, float* lse_col, float* diag,
                            float* loss, cudaStream_t stream) {
-  if (n < 1 || d < 1) return cudaErrorInvalidValue;
+  if (n < 1 || d < 1 || !grid_fits(n)) return cudaErrorInvalidValue;
   switch (dtype) {
     case CudaDType::kFloat32:
       return forward_t(static_cast<const float*>(img), static_cast<const float*>(txt), n, d, scale,
@@ -370,7 +404,7 @@ cudaError_t launch_backward(const void* img, const void* txt, CudaDType dtype, i
                             int64_t d, const float* scale, const float* lse_row,
                             const float* lse_col, const float* grad_out, float* d_img,
                             float* d_txt, float* workspace, float* d_scale, cudaStream_t stream) {
-  if (n < 1 || d < 1) return cudaErrorInvalidValue;
+  if (n < 1 || d < 1 || !grid_fits(n)) return cudaErrorInvalidValue;
   switch (dtype) {
     case CudaDType::kFloat32:
       return backward_t(static_cast<const float*>(img), static_cast<const float*>(txt), n, d,
