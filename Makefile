@@ -75,3 +75,12 @@ triton36-check: $(STAMP) $(TRITON36_DIR)/.installed
 	PYTHONPATH=$(TRITON36_DIR) TRITON_CACHE_DIR=build/triton_cache_aot36 $(VPY) tests/ops/_triton_aot.py 90 \
 	  > build/triton36_aot.log 2>&1 || { tail -40 build/triton36_aot.log; exit 1; }
 	@tail -1 build/triton36_aot.log
+
+# bench/gpu_check.sh --dry-run: every step of the GPU check on the CPU (CPU-only build into
+# build/, the gpu tests through the interpreter with the predicted Triton compile count checked
+# against bench/gpu_budget.json, the benchmarks at tiny sizes), so the script a lent GPU runs is
+# tested here first. Logs, summary.json and summary.md in build/gpu_check_dry_run_out.
+.PHONY: gpu-check-dry-run
+test: gpu-check-dry-run
+gpu-check-dry-run: $(STAMP)
+	PYTHON=$(abspath $(VPY)) bash bench/gpu_check.sh --dry-run build/gpu_check_dry_run_out
