@@ -10,8 +10,11 @@ op's own value checks of CPU inputs (``check_cu_seqlens_host``, ``check_ids_host
 backward, the kernels' launchers) must make none. Positive controls show the detector catches
 the launcher's read when ``max_seqlen`` is not given.
 
-CUDA (``-m gpu``): the same calls under ``torch.cuda.set_sync_debug_mode("error")``.
+CUDA (``-m gpu``): the same calls under ``torch.cuda.set_sync_debug_mode("error")``, at CLIP
+sequence lengths (in bench/gpu_check.sh's dry run these "cuda" cases run on CPU tensors under
+the detector, with the same shapes).
 """
+import contextlib
 import importlib.util
 import os
 import sys
@@ -20,6 +23,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from _triton_optest import DEVICES
 from msclip_fast import ops
 from msclip_fast.modules import PackedBatch, TransformerBlock
 
@@ -32,7 +36,6 @@ needs_interpreter = pytest.mark.skipif(
     not (HAS_TRITON and INTERPRET and importlib.util.find_spec("numpy") is not None),
     reason="needs triton + numpy with TRITON_INTERPRET=1",
 )
-needs_cuda = pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs triton and CUDA")
 
 HOST_READS = frozenset({"item", "tolist", "__int__", "__float__", "__bool__", "__index__", "numpy", "nonzero"})
 # the op's validation of CPU inputs: reads values on purpose, never runs for CUDA tensors
@@ -73,73 +76,6 @@ def test_detector_sees_every_kind_of_host_read():
                                          "nonzero"]
 
 
-def _varlen_inputs(device, dtype=torch.float32, seed=0):
-    # two images (bidirectional), three ragged texts (causal): lengths 5, 5, 9, 3, 7
-    g = torch.Generator().manual_seed(seed)
-    cu = torch.tensor([0, 5, 10, 19, 22, 29], dtype=torch.int32, device=device)
-    flags = torch.tensor([False, False, True, True, True], device=device)
-    q, k, v = (torch.randn(29, 2, 16, generator=g).to(device=device, dtype=dtype).requires_grad_() for _ in range(3))
-    go = torch.randn(29, 2, 16, generator=g).to(device=device, dtype=dtype)
-    return q, k, v, cu, flags, go
-
-
-@needs_interpreter
-@pytest.mark.parametrize("causal", ["flags", True])
-def test_triton_varlen_with_max_seqlen_reads_nothing_back(causal):
-    q, k, v, cu, flags, go = _varlen_inputs("cpu")
-    c = flags if causal == "flags" else True
-    with HostReadDetector() as det:
-        o = ops.attention(q, k, v, cu_seqlens=cu, causal=c, max_seqlen=9, backend="triton")
-    n_fwd = det.n_torch_calls
-    with det:
-        dq, dk, dv = torch.autograd.grad(o, (q, k, v), go)
-    assert det.n_torch_calls > n_fwd  # the backward launchers ran under the detector too
-    assert det.forbidden() == [], det.forbidden()
-    assert any(c[2] for c in det.calls)  # the op's CPU validation did read cu_seqlens (allowed)
-    # and the result is right
-    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = ops.attention_ref(*ref_in, cu_seqlens=cu, causal=c)
-    ref_g = torch.autograd.grad(ref, ref_in, go.double())
-    for a, b in zip((o, dq, dk, dv), (ref, *ref_g)):
-        assert ((a.double() - b).norm() / b.norm()).item() <= 1e-4
-
-
-@needs_interpreter
-def test_detector_catches_the_launcher_read_without_max_seqlen():
-    q, k, v, cu, flags, go = _varlen_inputs("cpu")
-    with HostReadDetector() as det:
-        o = ops.attention(q, k, v, cu_seqlens=cu, causal=flags, backend="triton")
-        torch.autograd.grad(o, (q, k, v), go)
-    bad = det.forbidden()
-    assert len(bad) == 1 and bad[0][0] == "__int__" and "attention_triton.py" in bad[0][1], det.calls
-
-
-@needs_interpreter
-def test_packed_block_on_triton_reads_nothing_back(monkeypatch):
-    """A real shared block's packed forward+backward with every op on its Triton backend: the
-    block passes ``PackedBatch.max_seqlen`` (a host int) down to the varlen attention."""
-    monkeypatch.setenv("MSCLIP_FAST_BACKEND", "triton")
-    torch.manual_seed(0)
-    blk = TransformerBlock(32, 2, (0, 1), share=("attn", "mlp"))
-    pack = PackedBatch.build(2, 5, 3, 7)
-    assert pack.max_seqlen == 7 and isinstance(pack.max_seqlen, int)
-    x = torch.randn(pack.total_rows, 32, requires_grad=True)
-    with HostReadDetector() as det:
-        xo, y = blk.forward_packed(x, pack)
-        (xo + y).square().sum().backward()
-    assert det.forbidden() == [], det.forbidden()
-    # the same block on the reference backends
-    monkeypatch.setenv("MSCLIP_FAST_BACKEND", "reference")
-    x2 = x.detach().clone().requires_grad_()
-    xo2, y2 = blk.forward_packed(x2, pack)
-    (xo2 + y2).square().sum().backward()
-    torch.testing.assert_close(xo + y, xo2 + y2, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-4)
-
-
-# ------------------------------------------------------------------------------------ CUDA
-
-
 class _SyncErrors:
     """``torch.cuda.set_sync_debug_mode("error")`` inside the block, restored after it."""
 
@@ -155,38 +91,132 @@ class _SyncErrors:
         return False
 
 
-@pytest.mark.gpu
-@needs_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_cuda_varlen_with_max_seqlen_never_syncs(dtype):
-    q, k, v, cu, flags, go = _varlen_inputs("cuda", dtype)
-    for _ in range(2):  # the first call compiles (and may autotune, which synchronizes)
-        o = ops.attention(q, k, v, cu_seqlens=cu, causal=flags, max_seqlen=9, backend="triton")
-        torch.autograd.grad(o, (q, k, v), go)
-    with _SyncErrors():
-        o = ops.attention(q, k, v, cu_seqlens=cu, causal=flags, max_seqlen=9, backend="auto")
-        torch.autograd.grad(o, (q, k, v), go)
-    # positive control: without max_seqlen the launcher reads it back, which the mode refuses
-    with pytest.raises(RuntimeError, match="synchroniz"):
+@contextlib.contextmanager
+def no_host_sync(device):
+    """CUDA: any synchronizing call in the block raises. CPU: the block's host reads are
+    recorded and must all be the op's CPU-input validation."""
+    if torch.device(device).type == "cuda":
         with _SyncErrors():
-            ops.attention(q, k, v, cu_seqlens=cu, causal=flags, backend="triton")
+            yield
+        return
+    with HostReadDetector() as det:
+        yield
+    assert det.forbidden() == [], det.forbidden()
 
 
-@pytest.mark.gpu
-@needs_cuda
-def test_cuda_packed_block_never_syncs():
+@contextlib.contextmanager
+def expect_host_sync(device):
+    """Positive control: the block must read the device back (CUDA: the sync mode raises)."""
+    if torch.device(device).type == "cuda":
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            with _SyncErrors():
+                yield
+        return
+    with HostReadDetector() as det:
+        yield
+    assert det.forbidden(), "the detector saw no host read"
+
+
+def _varlen_inputs(device, dtype, lens, flags, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    bounds = [0]
+    for n in lens:
+        bounds.append(bounds[-1] + n)
+    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+    flags = torch.tensor(flags, device=device)
+    T = bounds[-1]
+    q, k, v = (torch.randn(T, 2, 32, generator=g).to(device=device, dtype=dtype).requires_grad_() for _ in range(3))
+    go = torch.randn(T, 2, 32, generator=g).to(device=device, dtype=dtype)
+    return q, k, v, cu, flags, go
+
+
+# (device, sequence lengths): small on the interpreter; CLIP lengths on the GPU (two 50-token
+# images, three 77-token texts, and ragged text lengths)
+CPU, GPU = DEVICES
+LENGTHS = [
+    pytest.param(CPU.values[0], (5, 5, 9, 3, 7), marks=CPU.marks, id="cpu"),
+    pytest.param(GPU.values[0], (50, 50, 77, 77, 12), marks=GPU.marks, id="cuda"),
+]
+
+
+@pytest.mark.parametrize("device,lens", LENGTHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", ["flags", True])
+def test_triton_varlen_with_max_seqlen_reads_nothing_back(device, lens, dtype, causal):
+    flags = [False, False, True, True, True]
+    q, k, v, cu, flag_t, go = _varlen_inputs(device, dtype, lens, flags)
+    c = flag_t if causal == "flags" else True
+    max_len = max(lens)
+
+    def run(max_seqlen):
+        o = ops.attention(q, k, v, cu_seqlens=cu, causal=c, max_seqlen=max_seqlen, backend="triton")
+        return o, torch.autograd.grad(o, (q, k, v), go)
+
+    if torch.device(device).type == "cuda":
+        run(max_len)  # compiles (and may autotune, which synchronizes) before the check
+    with no_host_sync(device):
+        o, (dq, dk, dv) = run(max_len)
+    # positive control: without max_seqlen the launcher reads it back (one read per call)
+    with expect_host_sync(device):
+        run(None)
+    # and the result is right (DESIGN §7, matmul-based)
+    ref_in = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+    ref = ops.attention_ref(*ref_in, cu_seqlens=cu.cpu(), causal=c.cpu() if causal == "flags" else c)
+    ref_g = torch.autograd.grad(ref, ref_in, go.double().cpu())
+    tol = {torch.float32: 1e-4, torch.bfloat16: 1.6e-2}[dtype]
+    for name, a, b in zip(("o", "dq", "dk", "dv"), (o, dq, dk, dv), (ref, *ref_g)):
+        err = ((a.detach().double().cpu() - b).norm() / b.norm()).item()
+        assert err <= tol, (name, err)
+
+
+@needs_interpreter
+def test_detector_catches_the_launcher_read_without_max_seqlen():
+    q, k, v, cu, flags, go = _varlen_inputs("cpu", torch.float32, (5, 5, 9, 3, 7), [False, False, True, True, True])
+    with HostReadDetector() as det:
+        o = ops.attention(q, k, v, cu_seqlens=cu, causal=flags, backend="triton")
+        torch.autograd.grad(o, (q, k, v), go)
+    bad = det.forbidden()
+    assert len(bad) == 1 and bad[0][0] == "__int__" and "attention_triton.py" in bad[0][1], det.calls
+
+
+# (device, width, image_len, text_len)
+BLOCKS = [
+    pytest.param(CPU.values[0], 32, 5, 7, marks=CPU.marks, id="cpu"),
+    pytest.param(GPU.values[0], 64, 50, 77, marks=GPU.marks, id="cuda"),
+]
+
+
+@pytest.mark.parametrize("device,width,image_len,text_len", BLOCKS)
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+def test_packed_block_on_triton_reads_nothing_back(device, width, image_len, text_len, autocast, monkeypatch):
+    """A real shared block's packed forward+backward with every op on its Triton backend (under
+    bf16 autocast too: fp32 residual stream, bf16 updates): the block passes
+    ``PackedBatch.max_seqlen`` (a host int) down to the varlen attention, so nothing is read back."""
+    monkeypatch.setenv("MSCLIP_FAST_BACKEND", "triton")
+    dev = torch.device(device)
     torch.manual_seed(0)
-    blk = TransformerBlock(64, 2, (0, 1), share=("attn", "mlp")).cuda()
-    pack = PackedBatch.build(2, 50, 3, 77, device="cuda")
-    x = torch.randn(pack.total_rows, 64, device="cuda", requires_grad=True)
+    blk = TransformerBlock(width, 2, (0, 1), share=("attn", "mlp")).to(dev)
+    pack = PackedBatch.build(2, image_len, 3, text_len, device=dev)
+    assert pack.max_seqlen == max(image_len, text_len) and type(pack.max_seqlen) is int
+    x = torch.randn(pack.total_rows, width, generator=torch.Generator().manual_seed(1)).to(dev).requires_grad_()
 
-    def step(autocast: bool):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+    def step():
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
             xo, y = blk.forward_packed(x, pack)
-        (xo + y).float().square().sum().backward()
+        out = xo + y
+        out.float().square().sum().backward()
+        return out.detach()
 
-    for autocast in (False, True, False, True):  # compile (and autotune) every kernel first
-        step(autocast)
-    for autocast in (False, True):
-        with _SyncErrors():
-            step(autocast)
+    if dev.type == "cuda":
+        step()  # compiles (and may autotune) every kernel before the check
+    x.grad = None
+    with no_host_sync(device):
+        out = step()
+    grad = x.grad.clone()
+    # the same block on the reference backends
+    monkeypatch.setenv("MSCLIP_FAST_BACKEND", "reference")
+    x.grad = None
+    out_ref = step()
+    tol = 1.6e-2 if autocast else 1e-4
+    for a, b in ((out, out_ref), (grad, x.grad)):
+        assert ((a.double() - b.double()).norm() / b.double().norm()).item() <= tol

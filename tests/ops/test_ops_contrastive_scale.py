@@ -12,8 +12,11 @@ import os
 import pytest
 import torch
 
+from _triton_optest import DEVICES
 from msclip_fast import ops
 from msclip_fast.ops import contrastive_fused
+
+GPU = DEVICES[1]
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -66,9 +69,8 @@ def test_triton_d_scale_follows_the_scale(scale_dtype, shape):
     _check("triton", img, txt, torch.full(shape, 20.0, dtype=scale_dtype))
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs triton and CUDA")
+@pytest.mark.parametrize("device", [GPU])  # gpu marker (CPU tensors in gpu_check's dry run)
 @pytest.mark.parametrize("scale_dtype,shape", [(torch.float32, ()), (torch.float64, (1,))], ids=str)
-def test_triton_cpu_scale_with_cuda_features(scale_dtype, shape):
-    img, txt = _features(device="cuda")
+def test_triton_cpu_scale_with_cuda_features(device, scale_dtype, shape):
+    img, txt = _features(device=device)
     _check("triton", img, txt, torch.full(shape, 20.0, dtype=scale_dtype))

@@ -7,26 +7,17 @@ CPU tensors run the kernels through the Triton interpreter; ``-m gpu`` runs the 
 """
 import copy
 import dataclasses
-import importlib.util
 import logging
-import os
 
 import pytest
 import torch
 
+from _triton_optest import DEVICES
 from msclip_fast import ops
 from msclip_fast.models import create_model
 
 LN = ops.modality_layer_norm
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(
-        not (HAS_TRITON and INTERPRET and importlib.util.find_spec("numpy") is not None),
-        reason="needs triton + numpy with TRITON_INTERPRET=1")),
-    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-        not (HAS_TRITON and torch.cuda.is_available()), reason="needs triton and CUDA")]),
-]
+CPU, GPU = DEVICES  # the interpreter; CUDA (gpu marker; CPU tensors in gpu_check's dry run)
 # DESIGN §7, elementwise ops: by the dtype of the tensor compared
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -41,14 +32,18 @@ def _randn(*shape, dtype, device, g, scale=1.0):
     return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize(
-    "x_dtype,r_dtype",
-    [(torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float32, torch.bfloat16),
-     (torch.bfloat16, torch.float16)],
-    ids=lambda d: str(d).replace("torch.", ""),
-)
-@pytest.mark.parametrize("ids_kind", ["tensor", "int"])
+BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
+MIXED = [(BF16, F32, "tensor"), (F16, F32, "int"), (F32, BF16, "tensor"), (BF16, F16, "int"), (BF16, F32, "int"),
+         (F16, F32, "tensor")]
+# every case on the interpreter; on the GPU the first three (the bf16 and fp16 autocast cases,
+# tensor ids and an int modality, and a 16-bit residual): each case is a compile variant
+CASES = [pytest.param(CPU.values[0], *c, marks=CPU.marks, id="cpu-" + "-".join(map(str, c)).replace("torch.", ""))
+         for c in MIXED]
+CASES += [pytest.param(GPU.values[0], *c, marks=GPU.marks, id="cuda-" + "-".join(map(str, c)).replace("torch.", ""))
+          for c in MIXED[:3]]
+
+
+@pytest.mark.parametrize("device,x_dtype,r_dtype,ids_kind", CASES)
 def test_mixed_residual_matches_float64_reference(device, x_dtype, r_dtype, ids_kind):
     T, D, M = 77, 100, 2
     g = torch.Generator().manual_seed(7)
@@ -105,15 +100,20 @@ def _tokens(b):
     return tok
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("packed", [True, False], ids=["packed", "per_tower"])
+# per-tower and packed on the interpreter; packed (whose text block 0 runs per tower) on the GPU
+MODEL_CASES = [pytest.param(CPU.values[0], True, marks=CPU.marks, id="cpu-packed"),
+               pytest.param(CPU.values[0], False, marks=CPU.marks, id="cpu-per_tower"),
+               pytest.param(GPU.values[0], True, marks=GPU.marks, id="cuda-packed")]
+
+
+@pytest.mark.parametrize("device,packed", MODEL_CASES)
 def test_autocast_model_layer_norms_take_triton(device, packed, monkeypatch, caplog):
     """A real model under bf16 autocast: every LayerNorm call (the fused residual ones with an
     fp32 stream and a bf16 update included) selects the Triton backend; results equal the
     same model on the reference LayerNorm, against the float64 model."""
     op = LN.op
     triton_be = op.backends["triton"]
-    if device == "cpu":
+    if torch.device(device).type == "cpu":
         # "auto" passes over the interpreter for CPU tensors (auto_skip); lift that skip only,
         # so that "auto" decides for these CPU tensors as it does for CUDA ones
         # (the dict is replaced whole: its order is the auto preference and must survive undo)
