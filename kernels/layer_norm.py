@@ -29,7 +29,7 @@ import triton.language as tl
 _TILE_ELEMS = 4096
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "MOD"])  # rows and the modality vary per call
 def _ln_fwd_kernel(
     X,  # (T, D) input rows, contiguous
     R,  # (T, D) residual rows (read when HAS_RES)
@@ -85,7 +85,7 @@ def _ln_fwd_kernel(
     tl.store(RSTD + rows, rstd, mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "MOD", "rows_per_prog"])  # rows and the modality vary per call
 def _ln_bwd_kernel(
     X,  # (T, D) the normalized input (x, or x + residual as stored by the forward)
     DY,  # (T, D) gradient of the normalized output
