@@ -84,6 +84,12 @@ def _version(dist: str) -> str | None:
         return None
 
 
+# environment variables that change what a benchmark measures; recorded with every run and
+# put in front of its command line
+ENV_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "TRITON_INTERPRET", "MSCLIP_FAST_BACKEND",
+            "CUDA_VISIBLE_DEVICES", "TORCH_CUDA_ARCH_LIST")
+
+
 def run_meta(device: str, script: str, argv: list[str] | None = None) -> dict:
     """Everything that says where, when and how a result was measured (the JSON ``"meta"``).
 
@@ -91,7 +97,8 @@ def run_meta(device: str, script: str, argv: list[str] | None = None) -> dict:
     ``argv``: its arguments (default ``sys.argv[1:]``). Keys: ``machine`` {cpu, cores (usable),
     logical_cpus, torch_threads, gpu (name or None), gpu_count, cuda (torch's CUDA version),
     python, platform, load_avg [1, 5, 15 min] at the start (payload adds load_avg_end)},
-    ``command``, ``date_utc``
+    ``env`` (the set ones of :data:`ENV_VARS`), ``command`` (with those variables in front),
+    ``date_utc``
     (ISO 8601, seconds, "Z"), ``commit``, ``dirty``, ``torch``, ``triton``, ``device``."""
     import torch
 
@@ -99,6 +106,7 @@ def run_meta(device: str, script: str, argv: list[str] | None = None) -> dict:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     commit, dirty = git_state()
+    env = {k: os.environ[k] for k in ENV_VARS if os.environ.get(k)}
     return {
         "machine": {
             "cpu": cpu_name(),
@@ -112,7 +120,9 @@ def run_meta(device: str, script: str, argv: list[str] | None = None) -> dict:
             "platform": platform.platform(),
             "load_avg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         },
-        "command": " ".join(["python", script, *(shlex.quote(a) for a in argv)]),
+        "env": env,
+        "command": " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), "python", script,
+                             *(shlex.quote(a) for a in argv)]),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "commit": commit,
         "dirty": dirty,

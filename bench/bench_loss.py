@@ -189,9 +189,15 @@ def unavailable(spec: str, device: str) -> str | None:
     return None
 
 
+def child_env() -> dict:
+    """Environment of the child processes: OpenMP threads sleep when idle unless the caller
+    says otherwise (spinning threads on shared cores slow a CPU run by an order of magnitude)."""
+    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "passive")}
+
+
 def run_child(spec, n, d, device, dtype, repeats, check_n, timeout) -> dict:
     """Run one child; returns its JSON, or {"error": ...} (raised, crashed, timed out)."""
-    env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "passive"))
+    env = dict(os.environ, **child_env())
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     cmd = [sys.executable, "-c", _CHILD, spec, str(n), str(d), device, dtype, str(repeats), str(check_n)]
     try:
@@ -379,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"sizes": sizes, "dim": args.dim, "dtype": args.dtype, "scale": SCALE, "repeats": args.repeats,
                 "check_n": args.check_n, "timeout_s": args.timeout, "max_mem_gib": round(limit, 2),
                 "impls": [lab for lab, _ in impls], "specs": {lab: spec for lab, spec in impls},
-                "peer_versions": {"open_clip": _common._version("open_clip_torch")},
+                "peer_versions": {"open_clip": _common._version("open_clip_torch")}, "child_env": child_env(),
                 "total_s": round(time.perf_counter() - t_start, 1)}
     doc = _common.payload("loss", meta, settings, rows, headline(rows, checks), checks=checks,
                           not_run=not_run, status="failed" if failures else "ok", failures=failures)

@@ -187,12 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> list[Row]:
     """Run the benchmark; returns one Row per measured preset."""
+    # the caller's environment (before the backend is pinned below)
+    meta = _common.run_meta("cpu", "bench/bench_train_step.py", sys.argv[1:] if argv is None else argv)
     # Pin every op to the plain-PyTorch oracle: this is the baseline.
     with _common.reference_backend():
-        return _main(argv)
+        return _main(argv, meta)
 
 
-def _main(argv: list[str] | None) -> list[Row]:
+def _main(argv: list[str] | None, meta: dict) -> list[Row]:
     args = build_parser().parse_args(argv)
     for name in ("batch_size", "full_batch_size", "repeats", "full_repeats"):
         if getattr(args, name) <= 0:
@@ -203,7 +205,6 @@ def _main(argv: list[str] | None) -> list[Row]:
     if args.threads:
         torch.set_num_threads(args.threads)
     presets = select_presets(args.presets)
-    meta = _common.run_meta("cpu", "bench/bench_train_step.py", sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
     rows, skipped = [], []
     took: dict[str, float] = {}  # size class -> longest preset time so far

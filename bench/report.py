@@ -34,7 +34,9 @@ Every bench script's ``--json`` writes one object::
                   machine   {cpu, cores (usable), logical_cpus, torch_threads, gpu (name | null),
                              gpu_count, cuda, python, platform, load_avg and load_avg_end
                              [1, 5, 15 min] at start and end}
-                  command   "python bench/<script>.py <args>"
+                  env       {name: value} of the set variables that change a measurement
+                            (OMP_WAIT_POLICY, OMP_NUM_THREADS, TRITON_INTERPRET, ...)
+                  command   "[VAR=value ...] python bench/<script>.py <args>"
                   date_utc  "YYYY-MM-DDTHH:MM:SSZ"
                   commit    short git hash (else $MSCLIP_FAST_COMMIT) | null;
                   dirty     bool | null (uncommitted changes to tracked files)
@@ -397,7 +399,8 @@ def render_doc(doc: dict, source: str | None = None, chart: str | None = None, l
     if chart:
         lines += [f"![{title(doc)}]({chart})", ""]
     lines += _BODY[doc["benchmark"]](doc)
-    lines += _headline_lines(doc)
+    if doc["benchmark"] in ("loss", "ops"):  # the others' headline repeats a table column
+        lines += _headline_lines(doc)
     lines += _failure_lines(doc)
     return "\n".join(lines) + "\n"
 
@@ -482,14 +485,19 @@ def _chart_train_step(plt, doc: dict, path: Path) -> bool:
     rows = [r for r in doc["rows"] if r.get("samples_per_s")]
     if not rows:
         return False
-    fig, ax = plt.subplots(figsize=(7, 0.3 * len(rows) + 1.5))
+    fig, ax = plt.subplots(figsize=(7, 0.32 * len(rows) + 1.6))
     y = list(range(len(rows)))[::-1]
-    ax.barh(y, [r["samples_per_s"] for r in rows], color=["tab:blue" if r["preset"].endswith("-tiny") else "tab:orange"
-                                                           for r in rows])
+    for yy, r in zip(y, rows):  # a dot plot: tiny and full presets differ ~100x, so log x (bars would mislead)
+        tiny = r["preset"].endswith("-tiny")
+        ax.plot([r["samples_per_s"]], [yy], "o", color="tab:blue" if tiny else "tab:orange")
+        ax.annotate(f"{r['samples_per_s']:.3g}", (r["samples_per_s"], yy), xytext=(6, -3),
+                    textcoords="offset points", fontsize=7)
     ax.set_yticks(y)
     ax.set_yticklabels([f"{r['preset']} (batch {r['batch']})" for r in rows], fontsize=8)
     ax.set_xscale("log")
-    ax.set_xlabel("samples/s (log)")
+    lo, hi = min(r["samples_per_s"] for r in rows), max(r["samples_per_s"] for r in rows)
+    ax.set_xlim(lo / 1.6, hi * 2.2)
+    ax.set_xlabel("samples/s (log scale; blue: tiny presets, orange: full size)")
     ax.grid(True, axis="x", which="both", alpha=0.3)
     ax.set_title(f"Train step throughput, {doc['meta']['device']}, backend "
                  f"{doc.get('settings', {}).get('backend', 'reference')}", fontsize=10)
@@ -502,17 +510,17 @@ def _chart_packed(plt, doc: dict, path: Path) -> bool:
     rows = doc["rows"]
     if not rows:
         return False
-    fig, ax = plt.subplots(figsize=(6, 0.6 * len(rows) + 1.5))
-    y = list(range(len(rows)))
+    fig, ax = plt.subplots(figsize=(7, 0.7 * len(rows) + 1.8))
+    y = list(range(len(rows)))[::-1]
     h = 0.38
-    ax.barh([v + h / 2 for v in y], [r["packed_ms"] for r in rows], h, xerr=[r.get("packed_iqr_ms") or 0 for r in rows],
-            label="packed")
-    ax.barh([v - h / 2 for v in y], [r["per_tower_ms"] for r in rows], h,
-            xerr=[r.get("per_tower_iqr_ms") or 0 for r in rows], label="per-tower")
+    for off, key, label in ((h / 2, "packed", "packed"), (-h / 2, "per_tower", "per-tower")):
+        vals = [r[f"{key}_ms"] for r in rows]
+        half_iqr = [(r.get(f"{key}_iqr_ms") or 0) / 2 for r in rows]
+        ax.barh([v + off for v in y], vals, h, xerr=half_iqr, capsize=3, label=label)
     ax.set_yticks(y)
-    ax.set_yticklabels([f"{r['preset']} (batch {r['batch']})" for r in rows], fontsize=8)
-    ax.set_xlabel("train step median (ms), bars: IQR")
-    ax.legend()
+    ax.set_yticklabels([f"{r['preset']} (batch {r['batch']})\nratio {r['ratio']:.2f}" for r in rows], fontsize=8)
+    ax.set_xlabel("train step median (ms); whiskers: +/- IQR/2")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(f"Packed vs per-tower, {doc['meta']['device']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)

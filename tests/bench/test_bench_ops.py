@@ -20,7 +20,7 @@ def test_cpu_smoke_writes_json(bench, tmp_path):
     assert data == json.loads(json.dumps(doc))
     assert data["schema"] == 1 and data["benchmark"] == "ops" and data["status"] == "ok"
     assert data["meta"]["device"] == "cpu" and data["settings"]["smoke"] is True
-    assert data["meta"]["command"].startswith("python bench/bench_ops.py --device cpu --smoke")
+    assert "python bench/bench_ops.py --device cpu --smoke" in data["meta"]["command"]
     assert {r["op"] for r in data["rows"]} == {"attention", "layer_norm", "bias_act", "ffn"}
     ours = [r for r in results if r.impl == "ours"]
     assert ours and all(r.error is None and r.ms > 0 and r.ratio == 1.0 for r in ours)

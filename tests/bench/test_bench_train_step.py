@@ -7,7 +7,8 @@ import pytest
 BENCH_SCRIPT = "bench_train_step"  # the `bench` fixture (conftest.py) loads bench/bench_train_step.py
 
 
-def test_one_tiny_preset_writes_json(bench, tmp_path, capsys):
+def test_one_tiny_preset_writes_json(bench, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MSCLIP_FAST_BACKEND", raising=False)
     out = tmp_path / "train_step.json"
     before = os.environ.get("MSCLIP_FAST_BACKEND")
     rows = bench.main(["--presets", "clip-tiny", "--batch-size", "4", "--warmup", "0",
@@ -20,6 +21,7 @@ def test_one_tiny_preset_writes_json(bench, tmp_path, capsys):
     doc = json.loads(out.read_text())
     assert doc["schema"] == 1 and doc["benchmark"] == "train_step" and doc["meta"]["device"] == "cpu"
     assert doc["rows"][0]["samples_per_s"] == row.samples_per_s and doc["settings"]["backend"] == "reference"
+    assert "MSCLIP_FAST_BACKEND" not in doc["meta"]["command"]  # pinned by the script, not by the caller
     assert doc["headline"] == {"train_step_samples_per_s_clip-tiny": round(row.samples_per_s, 3)}
     assert "| clip-tiny |" in capsys.readouterr().out
 
