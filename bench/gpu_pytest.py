@@ -134,6 +134,27 @@ def _holds_gpu_tests(path: str) -> bool:
     return re.search(r"mark\.gpu|\bDEVICES\b", text) is not None
 
 
+def _finish(result: dict, rc: int, keys, a, where: str = "") -> int:
+    """Add the predicted compile count (dry run: distinct launch ``keys``), write ``a.json``,
+    print the one-line verdict; returns ``rc``."""
+    if a.dry_run:
+        result["launch_keys"] = sorted(keys)
+        result["compiles_predicted"] = len(keys)
+        by_kernel: dict[str, int] = {}
+        for k in keys:
+            name = k.split("'")[1]
+            by_kernel[name] = by_kernel.get(name, 0) + 1
+        result["compiles_by_kernel"] = dict(sorted(by_kernel.items()))
+    result["rc"] = int(rc)
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(json.dumps(result, indent=1, sort_keys=True))
+    n = result.get("compiles", result.get("compiles_predicted"))
+    what = "predicted Triton compiles (interpreter launches)" if a.dry_run else "Triton compiles (cold cache)"
+    print(f"gpu tests: {result.get('passed', 0)} passed, {result.get('failed', 0)} failed, "
+          f"{result.get('skipped', 0)} skipped{where}; {what}: {n}")
+    return int(rc)
+
+
 def gpu_test_files(tests: Path) -> list[str]:
     """Test files whose source holds gpu tests, relative to the repository root."""
     return [str(f.relative_to(ROOT)) for f in sorted(tests.rglob("test_*.py")) if _holds_gpu_tests(str(f))]
@@ -187,24 +208,11 @@ def run_shards(a) -> int:
             merged["skip_reasons"][reason] = merged["skip_reasons"].get(reason, 0) + n
         keys.update(r.get("launch_keys", []))
     merged["seconds"] = round(time.time() - t0, 1)
-    if a.dry_run:
-        merged["compiles_predicted"] = len(keys)
-        by_kernel: dict[str, int] = {}
-        for k in keys:
-            name = k.split("'")[1]
-            by_kernel[name] = by_kernel.get(name, 0) + 1
-        merged["compiles_by_kernel"] = dict(sorted(by_kernel.items()))
-    else:
+    if not a.dry_run:
         merged["compiles"] = _count_cubins(cache) - before
     if merged.get("passed", 0) == 0:
         rc = rc or 1
-    merged["rc"] = int(rc)
-    a.json.write_text(json.dumps(merged, indent=1, sort_keys=True))
-    n = merged.get("compiles", merged.get("compiles_predicted"))
-    what = "predicted Triton compiles (interpreter launches)" if a.dry_run else "Triton compiles (cold cache)"
-    print(f"gpu tests: {merged.get('passed', 0)} passed, {merged.get('failed', 0)} failed, "
-          f"{merged.get('skipped', 0)} skipped in {len(procs)} shares; {what}: {n}")
-    return int(rc)
+    return _finish(merged, rc, keys, a, f" in {len(procs)} shares")
 
 
 def main(argv=None) -> int:
@@ -247,14 +255,7 @@ def main(argv=None) -> int:
     result = {"collected": len(col.items), "import_errors": col.errors, "fatal_import_errors": fatal,
               "dry_run": a.dry_run, "seconds": round(time.time() - t0, 1), "pytest_rc": int(prc),
               **out.counts, "skip_reasons": out.skips}
-    if a.dry_run:
-        result["launch_keys"] = sorted(repr(k) for k in counter.keys)
-        result["compiles_predicted"] = len(counter.keys)
-        by_kernel: dict[str, int] = {}
-        for k in counter.keys:
-            by_kernel[k[0]] = by_kernel.get(k[0], 0) + 1
-        result["compiles_by_kernel"] = dict(sorted(by_kernel.items()))
-    else:
+    if not a.dry_run:
         result["compiles"] = _count_cubins(cache) - before
     rc = 0
     if int(prc) not in (0, 1, 5):  # interrupted, internal error, usage error
@@ -264,14 +265,7 @@ def main(argv=None) -> int:
     elif out.counts["passed"] == 0:
         print("ERROR: no gpu test passed")
         rc = 1
-    result["rc"] = int(rc)
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps(result, indent=1, sort_keys=True))
-    n = result.get("compiles", result.get("compiles_predicted"))
-    what = "predicted Triton compiles (interpreter launches)" if a.dry_run else "Triton compiles (cold cache)"
-    print(f"gpu tests: {result.get('passed', 0)} passed, {result.get('failed', 0)} failed, "
-          f"{result.get('skipped', 0)} skipped; {what}: {n}")
-    return int(rc)
+    return _finish(result, rc, {repr(k) for k in counter.keys}, a)
 
 
 if __name__ == "__main__":

@@ -75,9 +75,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+if str(Path(__file__).resolve().parent) not in sys.path:  # bench/_common.py (no torch import)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "kernel_report"
-BEGIN, END = f"<!-- {NAME}:begin -->", f"<!-- {NAME}:end -->"
+BEGIN, END = _common.markers(NAME)
 DEFAULT_CACHE = ROOT / "build" / "triton_cache_report"
 DEFAULT_RESULTS = ROOT / "bench" / "RESULTS.md"
 
@@ -896,16 +900,9 @@ def markdown_table(rows: list[dict], other: dict | None = None) -> str:
 
 
 def git_commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=20)
-        if head.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=20).stdout.strip()
-        return head.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    """Short HEAD hash, marked when the tree has uncommitted changes (bench/_common.git_state)."""
+    head, dirty = _common.git_state()
+    return (head or "unknown") + (" (with uncommitted changes)" if dirty else "")
 
 
 def section(doc: dict, other: dict | None = None) -> str:
@@ -954,16 +951,7 @@ def section(doc: dict, other: dict | None = None) -> str:
 
 def write_section(path: Path, text: str) -> None:
     """Replace this report's marked section of ``path`` (or append it); nothing else changes."""
-    old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
-    if BEGIN in old and END in old:
-        pre, rest = old.split(BEGIN, 1)
-        post = rest.split(END, 1)[1].lstrip("\n")
-        new = pre + text + ("\n" + post if post else "")
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    tmp = path.with_suffix(path.suffix + f".{NAME}.tmp")
-    tmp.write_text(new, encoding="utf-8")
-    os.replace(tmp, path)
+    _common.replace_section(path, text, NAME)
 
 
 def run(dtypes=("bf16", "fp32"), arch: int = 90, command: str | None = None, log=print, jobs: int = 1) -> dict:
