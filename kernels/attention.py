@@ -360,9 +360,10 @@ def _config(head_dim: int, dtype: torch.dtype, device: torch.device, bwd: bool,
     # Every choice below was compiled for sm_90 with ptxas (python -m bench.kernel_report): no
     # register spills, and 16-bit tiles of 64 rows use wgmma, 32-row tiles mma.sync.
     if dtype == torch.float32:
-        # fp32 tiles hold twice the registers of 16-bit ones: small tiles keep them out of spills
+        # fp32 tiles hold twice the registers of 16-bit ones: 32x32 tiles on 8 warps keep them out
+        # of spills with Triton 3.8 and 3.6 (4 warps spilled under 3.6)
         if block_k <= 64:
-            return AttnConfig(32, 32, block_k, 8 if bwd else 4, 1 if bwd else 2, False, prec)
+            return AttnConfig(32, 32, block_k, 8, 1 if bwd else 2, False, prec)
         return AttnConfig(32 if bwd else 16, 16 if bwd else 32, block_k, 4, 1, False, prec)
     if bwd:
         if block_k > 64:
