@@ -162,6 +162,22 @@ def finite(x):
     return x if x == x and abs(x) != float("inf") else None
 
 
+def publish(benchmark: str, meta: dict, settings: dict, rows: list, headline: dict, json_path) -> dict:
+    """End of a benchmark whose rows are dataclasses: the JSON document (floats made finite),
+    written to ``json_path`` when given, and its table printed as the report renders it."""
+    import dataclasses
+
+    doc = payload(benchmark, meta, settings,
+                  [{k: finite(v) if isinstance(v, float) else v for k, v in dataclasses.asdict(r).items()}
+                   for r in rows], headline)
+    if json_path:
+        write_json(json_path, doc)
+    import report  # noqa: PLC0415 - report imports this module
+
+    print(report.render_doc(doc, source=str(json_path) if json_path else None))
+    return doc
+
+
 def markers(name: str) -> tuple[str, str]:
     """(begin, end) HTML-comment markers of generator ``name``'s section in RESULTS.md."""
     return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"

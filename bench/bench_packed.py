@@ -19,7 +19,6 @@ into bench/RESULTS.md (schema: bench/report.py).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
 import time
@@ -122,15 +121,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         total = time.time() - t0
     settings = {"presets": presets, "batch_size": args.batch_size, "warmup": args.warmup, "repeats": args.repeats,
                 "backend": "reference", "dtype": "fp32", "total_s": round(total, 1)}
-    doc = _common.payload("packed", meta, settings,
-                          [{k: _common.finite(v) if isinstance(v, float) else v for k, v in dataclasses.asdict(r).items()}
-                           for r in rows],
-                          {f"packed_vs_per_tower_{r.preset}": round(r.ratio, 3) for r in rows})
-    if args.json:
-        _common.write_json(args.json, doc)
-    import report
-
-    print(report.render_doc(doc, source=str(args.json) if args.json else None))
+    _common.publish("packed", meta, settings, rows, {f"packed_vs_per_tower_{r.preset}": round(r.ratio, 3) for r in rows}, args.json)
     return rows
 
 

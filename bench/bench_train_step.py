@@ -21,7 +21,6 @@ into bench/RESULTS.md (schema: bench/report.py).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import sys
 import time
@@ -231,15 +230,7 @@ def _main(argv: list[str] | None, meta: dict) -> list[Row]:
                 "time_budget": args.time_budget, "backend": "reference", "dtype": "fp32",
                 "peak_tflops": args.peak_tflops, "skipped": skipped,
                 "total_s": round(time.perf_counter() - start, 1)}
-    doc = _common.payload("train_step", meta, settings,
-                          [{k: _common.finite(v) if isinstance(v, float) else v for k, v in dataclasses.asdict(r).items()}
-                           for r in rows],
-                          {f"train_step_samples_per_s_{r.preset}": round(r.samples_per_s, 3) for r in rows})
-    if args.json:
-        _common.write_json(args.json, doc)
-    import report
-
-    print(report.render_doc(doc, source=str(args.json) if args.json else None))
+    _common.publish("train_step", meta, settings, rows, {f"train_step_samples_per_s_{r.preset}": round(r.samples_per_s, 3) for r in rows}, args.json)
     return rows
 
 
