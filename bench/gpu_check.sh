@@ -50,8 +50,11 @@ b = json.load(open('bench/gpu_budget.json'))
 print(f\"BUDGET_COMPILES={b['compiles']} BUDGET_SPC={b['seconds_per_compile']} BUDGET_TESTS={b['test_seconds']} JOBS={b['jobs']}\")
 ")"
 PYTEST_LIMIT=$("$PY" -c "import math; print(math.ceil(1.5 * ($BUDGET_TESTS + $BUDGET_COMPILES * $BUDGET_SPC / $JOBS)))")
-if [[ $DRY == 1 ]]; then JOBS=1; PYTEST_LIMIT=900; fi   # 2 CPU cores, the interpreter: no budget to keep
-echo "budget: ${BUDGET_COMPILES} Triton compiles x ${BUDGET_SPC}s / ${JOBS} jobs + ${BUDGET_TESTS}s tests -> pytest_gpu limit ${PYTEST_LIMIT}s; total ${LIMIT_TOTAL}s" | tee "$OUT/budget.txt"
+echo "GPU budget: 1.5 x (${BUDGET_TESTS}s tests + ${BUDGET_COMPILES} Triton compiles x ${BUDGET_SPC}s / ${JOBS} jobs) -> pytest_gpu limit ${PYTEST_LIMIT}s of 570s" | tee "$OUT/budget.txt"
+if [[ $DRY == 1 ]]; then   # 2 CPU cores, the interpreter: no budget to keep, only the count to check
+  JOBS=1; PYTEST_LIMIT=900
+  echo "dry run: pytest_gpu limit ${PYTEST_LIMIT}s, 1 job; total ${LIMIT_TOTAL}s" | tee -a "$OUT/budget.txt"
+fi
 
 # run_step NAME TIMEOUT_S CMD...: log to OUT/NAME.log, record "NAME rc=.. ..s limit=..s", never abort
 run_step() {
