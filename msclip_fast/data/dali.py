@@ -32,6 +32,7 @@ from typing import Any, Dict, Iterator
 
 import torch
 
+from ..modules.packing import text_lengths
 from .images import SkipSample, has_alpha, to_rgb_on_white
 from .loader import LoaderConfig
 from .loader_base import ShardLoaderBase
@@ -52,7 +53,11 @@ def dali_available() -> tuple[bool, str]:
 
 
 class DaliLoader(ShardLoaderBase):
-    """Same interface as :class:`msclip_fast.data.loader.WebDatasetLoader`."""
+    """Same interface as :class:`msclip_fast.data.loader.WebDatasetLoader`.
+
+    Batches: ``{"image": (B,3,S,S) float32 (on the GPU when decoding is "mixed"),
+    "text": (B,context_length) int64 CPU, "text_lengths": (B,) int64 CPU, "key", "meta"}``.
+    """
 
     def __init__(self, urls, cfg: LoaderConfig):
         ok, why = dali_available()
@@ -143,9 +148,12 @@ class DaliLoader(ShardLoaderBase):
                 d = out[0]
                 caps = [bytes(r.cpu().numpy().tobytes()).rstrip(b"\0").decode("utf-8") for r in d["txt"]]
                 metas = [json.loads(bytes(r.cpu().numpy().tobytes()).rstrip(b"\0").decode("utf-8")) for r in d["json"]]
+                text = self.tokenizer(caps)  # CPU int64, like the torch backend's
                 yield {
                     "image": d["image"],
-                    "text": self.tokenizer(caps),
+                    "text": text,
+                    # from the CPU tokens, never from a device copy: no host sync (loader.py)
+                    "text_lengths": text_lengths(text),
                     "key": [m["key"] for m in metas],
                     "meta": [m["meta"] for m in metas],
                 }

@@ -25,6 +25,7 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 
+from ..modules.packing import text_lengths
 from .images import DEFAULT_MAX_PIXELS, SkipSample, to_rgb_on_white
 from .loader_base import ShardLoaderBase, num_batches
 from .samples import _seed_int, check_sample, count_skip, owned_samples
@@ -108,9 +109,15 @@ class _EpochStream:
         self.tokenizer = get_tokenizer(cfg.context_length)
 
     def _collate(self, items) -> Dict[str, Any]:
+        """Decoded items -> one batch dict (the layout :func:`build_loader` documents)."""
+        text = self.tokenizer([c for _, c, _, _ in items])
         return {
             "image": torch.stack([x for x, _, _, _ in items]),
-            "text": self.tokenizer([c for _, c, _, _ in items]),
+            "text": text,
+            # from the CPU tokens here, on the worker side: the model trims each caption at its
+            # EOT and needs the lengths on the host; taking them from device tokens later would
+            # cost a device-to-host sync every step
+            "text_lengths": text_lengths(text),
             "key": [k for _, _, k, _ in items],
             "meta": [m for _, _, _, m in items],
         }
@@ -150,7 +157,8 @@ class _WorkerDataset(torch.utils.data.IterableDataset):
 
 
 class WebDatasetLoader(ShardLoaderBase):
-    """Iterable over batches ``{"image", "text", "key", "meta"}`` (see :func:`build_loader`).
+    """Iterable over batches ``{"image", "text", "text_lengths", "key", "meta"}`` (see
+    :func:`build_loader`).
 
     Attributes: see :class:`~msclip_fast.data.loader_base.ShardLoaderBase`.
     """
@@ -226,8 +234,13 @@ def build_loader(
         context_length: tokenizer context (77).
     Returns:
         an iterable with ``.set_epoch(e)``, ``.skipped`` and ``len()`` (when a manifest is
-        found). Batches: ``{"image": (B,3,S,S) float32, "text": (B,context_length) int64,
-        "key": list[str], "meta": list[dict]}``.
+        found). Batches: ``{"image": (B,3,S,S) float32, "text": (B,context_length) int64 CPU,
+        "text_lengths": (B,) int64 CPU, "key": list[str], "meta": list[dict]}``;
+        ``text_lengths[i]`` is caption i's length up to and including its end-of-text token
+        (:func:`msclip_fast.modules.text_lengths` of the CPU tokens, ``eot + 1``): hand it to
+        the model as ``model(images, tokens, text_lengths=...)`` and keep it on the CPU, so
+        the model can trim captions without a device-to-host sync. With ``backend="dali"``,
+        ``image`` may be on the GPU; ``text`` and ``text_lengths`` are always on the CPU.
     Raises:
         ValueError: a bad argument (naming it) or a shard pattern that matches nothing.
     """

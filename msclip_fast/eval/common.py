@@ -1,10 +1,13 @@
 """Helpers shared by the evaluations: model unwrapping and one encoding pass over a loader."""
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Iterable
 
 import torch
+
+from ..modules.packing import text_lengths
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +23,45 @@ def unwrap_model(model):
             f"model must provide encode_image and encode_text, got {type(model).__name__}"
         )
     return model
+
+
+def encode_text_takes_lengths(model) -> bool:
+    """True when ``model.encode_text`` has a ``lengths`` parameter (MSCLIP's does).
+
+    The evaluations accept anything with ``encode_text(tokens, normalize=True)``; models
+    without ``lengths`` (open_clip's, toy models) are called without it. Call once per eval,
+    not per batch. A ``**kwargs``-only signature does not count: nothing says it means
+    caption lengths.
+    """
+    try:
+        params = inspect.signature(model.encode_text).parameters
+    except (TypeError, ValueError):  # no introspectable signature (a builtin or C extension)
+        return False
+    p = params.get("lengths")
+    return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+
+
+def encode_tokens(model, tokens: torch.Tensor, device, *, with_lengths: bool,
+                  lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """``model.encode_text(tokens, normalize=True)`` of one token batch, on ``device``.
+
+    Args:
+        model: unwrapped model in eval mode.
+        tokens: ``(B, L)`` int64 token ids, normally on the CPU (tokenizer or loader output).
+        device: where the model runs; the tokens are copied there.
+        with_lengths: pass ``lengths=`` to encode_text (:func:`encode_text_takes_lengths`).
+        lengths: ``(B,)`` int64 CPU caption lengths when known (a loader batch's
+            ``"text_lengths"``); otherwise taken from ``tokens`` here, before the device copy,
+            so that finding them costs no device-to-host sync.
+    Returns:
+        ``(B, E)`` features as encode_text returns them (its dtype, on ``device``).
+    """
+    if with_lengths and lengths is None:
+        lengths = text_lengths(tokens)  # free on CPU tokens
+    tokens = tokens.to(device, non_blocking=True)
+    if with_lengths:
+        return model.encode_text(tokens, normalize=True, lengths=lengths)
+    return model.encode_text(tokens, normalize=True)
 
 
 def model_device(model) -> torch.device:
@@ -44,9 +86,13 @@ def encode_loader(
     """Encode every batch of ``loader`` once.
 
     Args:
-        model: unwrapped MSCLIP in eval mode.
-        loader: yields ``{"image": (B,3,H,W) float, "text": (B,77) int64, "meta": list[dict],
-            "key": list[str]}``; ``text``/``meta``/``key`` may be absent.
+        model: unwrapped MSCLIP in eval mode (or anything with ``encode_image`` and
+            ``encode_text(tokens, normalize=True)``; ``lengths=`` is passed only when its
+            encode_text takes it).
+        loader: yields ``{"image": (B,3,H,W) float, "text": (B,77) int64 CPU,
+            "text_lengths": (B,) int64 CPU, "meta": list[dict], "key": list[str]}``;
+            ``text``/``text_lengths``/``meta``/``key`` may be absent (missing lengths are
+            computed from the tokens before they move to the device).
         text: also encode ``batch["text"]`` and keep the token rows as caption identities.
         max_batches: stop after this many batches.
     Returns:
@@ -57,6 +103,7 @@ def encode_loader(
     """
     device = model_device(model)
     dtype = model_dtype(model)
+    with_lengths = text and encode_text_takes_lengths(model)
     img_feats, txt_feats, metas, keys, captions = [], [], [], [], []
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
@@ -70,8 +117,8 @@ def encode_loader(
         if text:
             if "text" not in batch:
                 raise ValueError("loader batches must contain 'text' tokens for retrieval")
-            tokens = batch["text"].to(device)
-            t = model.encode_text(tokens, normalize=True).float()
+            t = encode_tokens(model, batch["text"], device, with_lengths=with_lengths,
+                              lengths=batch.get("text_lengths")).float()
             txt_feats.append(torch.nn.functional.normalize(t, dim=-1).cpu())
             # identical token rows = identical captions as the model sees them
             captions.extend(tuple(r) for r in batch["text"].tolist())

@@ -30,7 +30,9 @@ def retrieval_eval(
     Args:
         model: MSCLIP (wrappers with ``.module`` unwrapped); its mode is restored afterwards.
         loader: yields ``{"image": (B,3,H,W) float, "text": (B,77) int64, ...}``
-            (build_loader with ``train=False``).
+            (build_loader with ``train=False``); its ``"text_lengths"`` (B,) int64 CPU, or
+            lengths computed from the CPU tokens, go to ``encode_text(..., lengths=)`` when
+            the model takes them (see :func:`~msclip_fast.eval.common.encode_loader`).
         ks: K values (default 1, 5, 10).
         dedup: also report ``*_dedup`` recalls where identical captions (identical token
             rows) count as correct.

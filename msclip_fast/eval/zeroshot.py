@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Sequence, Union
 
 import torch
 
-from .common import encode_loader_images, model_device, unwrap_model
+from .common import encode_loader_images, encode_text_takes_lengths, encode_tokens, model_device, unwrap_model
 from .metrics import classification_metrics, per_class_accuracy
 
 logger = logging.getLogger(__name__)
@@ -89,10 +89,12 @@ def build_zero_shot_classifier(
 
     Args:
         model: an MSCLIP (or anything with ``encode_text(tokens (B,77) int64, normalize=True)``
-            and a ``context_length`` attribute); a DeepSpeed/DDP wrapper is unwrapped.
+            and a ``context_length`` attribute); a DeepSpeed/DDP wrapper is unwrapped. When its
+            encode_text takes ``lengths``, each prompt's ``(B,)`` int64 CPU length (``eot + 1``,
+            from the CPU tokens) is passed too, so the text tower trims without a host sync.
         classnames: C class names (underscores become spaces in the prompts).
         templates: T templates, ``"...{}..."`` strings or callables name -> prompt.
-        tokenizer: list[str] -> (B, 77) int64; default ``msclip_fast.get_tokenizer``.
+        tokenizer: list[str] -> (B, 77) int64 (CPU); default ``msclip_fast.get_tokenizer``.
         batch_size: prompts per text-tower call.
     Returns:
         ``(C, E)`` float32 weights on the model's device, each row L2-normalized: the
@@ -111,10 +113,11 @@ def build_zero_shot_classifier(
         tokenizer = get_tokenizer(getattr(model, "context_length", 77))
     device = model_device(model)
     prompts = [format_prompt(t, prompt_name(c)) for c in classnames for t in templates]
+    with_lengths = encode_text_takes_lengths(model)
     feats = []
     for s in range(0, len(prompts), batch_size):
-        tokens = tokenizer(prompts[s : s + batch_size]).to(device)
-        f = model.encode_text(tokens, normalize=True).float()
+        tokens = tokenizer(prompts[s : s + batch_size])
+        f = encode_tokens(model, tokens, device, with_lengths=with_lengths).float()
         feats.append(torch.nn.functional.normalize(f, dim=-1))
     feats = torch.cat(feats).view(len(classnames), len(templates), -1)
     return torch.nn.functional.normalize(feats.mean(1), dim=-1)

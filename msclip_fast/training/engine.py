@@ -77,11 +77,18 @@ class _EngineBase:
         return {n: float(g["lr"]) for n, g in zip(self.group_names, self.optimizer.param_groups)}
 
     def _inputs(self, batch: dict, dtype=None):
+        """``(images, tokens, text_lengths)`` of a loader batch for the model's forward.
+
+        images ``(B,3,H,W)`` and tokens ``(B,L)`` int64 move to the device; text_lengths is
+        the batch's ``(B,)`` int64 ``"text_lengths"`` (None when absent: the model then
+        computes it) and stays on the CPU: the model plans its EOT trimming on the host, and
+        lengths on the device would cost it a device-to-host sync every step.
+        """
         images = batch["image"].to(self.device, non_blocking=True)
         tokens = batch["text"].to(self.device, non_blocking=True)
         if dtype is not None:
             images = images.to(dtype)
-        return images, tokens
+        return images, tokens, batch.get("text_lengths")
 
 
 class TorchEngine(_EngineBase):
@@ -99,11 +106,11 @@ class TorchEngine(_EngineBase):
         optimizer.zero_grad(set_to_none=True)
 
     def forward_loss(self, batch: dict):
-        images, tokens = self._inputs(batch)
+        images, tokens, lengths = self._inputs(batch)
         ctx = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                else contextlib.nullcontext())
         with ctx:
-            img, txt, scale = self.model(images, tokens)
+            img, txt, scale = self.model(images, tokens, text_lengths=lengths)
         loss = self.loss_fn(img.float(), txt.float(), scale.float())
         return loss, scale.detach()
 
@@ -254,8 +261,10 @@ class DeepSpeedEngine(_EngineBase):
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
 
     def forward_loss(self, batch: dict):
-        images, tokens = self._inputs(batch, dtype=self.dtype)  # DeepSpeed casts the module itself
-        img, txt, scale = self.ds(images, tokens)
+        images, tokens, lengths = self._inputs(batch, dtype=self.dtype)  # DeepSpeed casts the module itself
+        # DeepSpeed's forward hands keyword arguments to the module unchanged (its fp16 input
+        # cast touches floating tensors only), so the CPU lengths reach the model as they are
+        img, txt, scale = self.ds(images, tokens, text_lengths=lengths)
         loss = self.loss_fn(img, txt, scale)
         return loss, scale.detach().float()
 
