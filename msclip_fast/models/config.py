@@ -160,6 +160,12 @@ class ModelConfig:
             with any other sharing raises.
         parallel_ffn_dim: hidden width of the optional per-modality bottleneck FFN beside
             each shared block (0 = off).
+        parallel_attn_dim, parallel_attn_heads: width and heads of the optional light
+            per-modality attention beside each shared block's attention (0 = off; the width
+            must be a multiple of the heads).
+        trim_text: each caption runs only its own ``eot + 1`` tokens (exactly the same
+            features as the padded ``context_length``, since the text tower is causal and
+            pools the EOT token; DESIGN §3); false runs every caption padded.
         mlp_ratio, act, ln_eps: FFN ratio, activation, LayerNorm epsilon.
         logit_scale_init: initial log temperature (CLIP: ln(1/0.07)); logit_scale_max: clamp of
             exp(logit_scale) (100).
@@ -174,6 +180,9 @@ class ModelConfig:
     early_specialization: bool = False
     packed: bool | None = None
     parallel_ffn_dim: int = 0
+    parallel_attn_dim: int = 0
+    parallel_attn_heads: int = 1
+    trim_text: bool = True
     mlp_ratio: float = 4.0
     act: str = "quick_gelu"
     ln_eps: float = 1e-12
@@ -200,6 +209,12 @@ class ModelConfig:
         self.share = tuple(s for s in SHARE_CHOICES if s in self.share)
         _bool("early_specialization", self.early_specialization)
         _int("parallel_ffn_dim", self.parallel_ffn_dim, 0)
+        _int("parallel_attn_dim", self.parallel_attn_dim, 0)
+        _int("parallel_attn_heads", self.parallel_attn_heads, 1)
+        if self.parallel_attn_dim % self.parallel_attn_heads:
+            _fail("parallel_attn_heads", self.parallel_attn_heads,
+                  f"must divide parallel_attn_dim={self.parallel_attn_dim}")
+        _bool("trim_text", self.trim_text)
         self.mlp_ratio = _float("mlp_ratio", self.mlp_ratio)
         if self.mlp_ratio <= 0:
             _fail("mlp_ratio", self.mlp_ratio, "must be positive")
@@ -233,6 +248,8 @@ class ModelConfig:
                 _fail("text.heads", t.heads, f"must equal vision.heads={v.heads} when share={list(self.share)}")
         if self.parallel_ffn_dim and not self.shares_any:
             _fail("parallel_ffn_dim", self.parallel_ffn_dim, "needs shared layers (share and share_layers)")
+        if self.parallel_attn_dim and not self.shares_any:
+            _fail("parallel_attn_dim", self.parallel_attn_dim, "needs shared layers (share and share_layers)")
         can_pack = self.shares_any and {"attn", "mlp"} <= set(self.share)
         if self.packed is None:
             self.packed = can_pack

@@ -10,8 +10,9 @@ from torch import nn
 
 from ..modules.block import TransformerBlock
 from ..modules.layer_norm import IMAGE, TEXT, ModalityLayerNorm
-from ..modules.packing import PackedBatch
 from .config import ModelConfig
+from .executor import Stream, run_packed, run_per_tower
+from .plan import ExecutionPlan
 from .towers import TextTower, VisionTower
 
 logger = logging.getLogger(__name__)
@@ -28,9 +29,12 @@ class MSCLIP(nn.Module):
         per-modality LayerNorms stacked (2, D).
         ``logit_scale``: 0-d.
 
-    ``cfg.packed``: ``forward(images, tokens)`` runs every shared block once on the packed
-    image+text tokens (DESIGN §3, :meth:`forward_features`); ``encode_image`` /
-    ``encode_text`` always run per tower. Both paths compute the same function.
+    Execution (DESIGN §3): one :class:`~.plan.ExecutionPlan` built from the config (which
+    block runs at each position, for which modalities, with which adapter before it) and one
+    executor. ``cfg.packed``: ``forward(images, tokens)`` runs every shared block once on the
+    packed image+text tokens (:meth:`forward_features`); ``encode_image`` / ``encode_text``
+    always run per tower. Both schedules compute the same function. ``cfg.trim_text``: each
+    caption runs its own ``eot + 1`` tokens (the same features as the padded computation).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -41,9 +45,10 @@ class MSCLIP(nn.Module):
         self.text = TextTower(cfg)
         self.blocks = nn.ModuleDict({
             str(i): TransformerBlock(v.width, v.heads, (0, 1), cfg.share, cfg.mlp_ratio, cfg.act, cfg.ln_eps,
-                                     cfg.parallel_ffn_dim)
+                                     cfg.parallel_ffn_dim, cfg.parallel_attn_dim, cfg.parallel_attn_heads)
             for i in cfg.shared_layer_ids()
         })
+        self.plan = ExecutionPlan.from_config(cfg)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
         self._locked = {"image": False, "text": False}
         self._init_clip()
@@ -78,13 +83,12 @@ class MSCLIP(nn.Module):
                 blk.init_clip(tower_layers)
 
     def vision_blocks(self) -> list[TransformerBlock]:
-        """The block run at each vision position ``first .. layers-1``."""
-        return [self.blocks[str(i)] if str(i) in self.blocks else self.visual.blocks[str(i)]
-                for i in range(self.visual.first_block, self.visual.layers)]
+        """The block run at each vision position ``first .. layers-1`` (from the plan)."""
+        return [self.get_submodule(p.block) for p in self.plan.tower(IMAGE)]
 
     def text_blocks(self) -> list[TransformerBlock]:
-        return [self.blocks[str(i)] if str(i) in self.blocks else self.text.blocks[str(i)]
-                for i in range(self.text.layers)]
+        """The block run at each text position ``0 .. layers-1`` (from the plan)."""
+        return [self.get_submodule(p.block) for p in self.plan.tower(TEXT)]
 
     def shared_parameter_names(self) -> set[str]:
         """Names (as in named_parameters()) of parameters applied to both modalities' tokens:
@@ -138,85 +142,66 @@ class MSCLIP(nn.Module):
     # -- forward --------------------------------------------------------------------------
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """``images`` (B, 3, H, W) float, normalized with image_mean/std -> (B, embed_dim)."""
-        x = images.to(self.visual.class_embedding.dtype)
-        f = self.visual(x, self.vision_blocks())
+        images = images.to(self.visual.class_embedding.dtype)
+        x, pack = self.visual.embed_flat(images)
+        out = run_per_tower(self, self.plan, {IMAGE: Stream(x, pack)}, self.visual.adapter_runner(images))
+        f = self.visual.pool(out[IMAGE])
         return F.normalize(f, dim=-1) if normalize else f
 
-    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """``tokens`` (B, context_length) int64 -> (B, embed_dim)."""
-        f = self.text(tokens, self.text_blocks())
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True, lengths=None) -> torch.Tensor:
+        """``tokens`` (B, context_length) int64 -> (B, embed_dim).
+
+        ``lengths``: ``(B,)`` host (CPU) lengths ``eot + 1`` of the captions, as
+        :func:`~msclip_fast.modules.text_lengths` computes them from the CPU tokens (pass them
+        when ``tokens`` are on a GPU: without them the model computes them, one host sync).
+        Only used with ``config.trim_text``; the features are the same either way.
+        """
+        x, pack, pool = self.text.embed(tokens, lengths, trim=self.config.trim_text)
+        out = run_per_tower(self, self.plan, {TEXT: Stream(x, pack)})
+        f = self.text.pool(out[TEXT], pool)
         return F.normalize(f, dim=-1) if normalize else f
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor):
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, text_lengths=None):
         """Returns ``(image_features (B, E), text_features (B', E), scale)``, features
         L2-normalized, ``scale = exp(logit_scale)`` clamped at ``logit_scale_max`` (0-d).
-        ``B`` and ``B'`` may differ. Packed execution when ``config.packed``."""
-        img, txt = self.forward_features(images, tokens)
+        ``B`` and ``B'`` may differ. Packed execution when ``config.packed``.
+        ``text_lengths``: the captions' host lengths ``eot + 1`` (the loader's
+        ``batch["text_lengths"]``), see :meth:`encode_text`."""
+        img, txt = self.forward_features(images, tokens, text_lengths=text_lengths)
         scale = self.logit_scale.exp().clamp(max=self.config.logit_scale_max)
         return F.normalize(img, dim=-1), F.normalize(txt, dim=-1), scale
 
-    def forward_features(self, images: torch.Tensor, tokens: torch.Tensor,
-                         packed: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_features(self, images: torch.Tensor, tokens: torch.Tensor, packed: bool | None = None,
+                         text_lengths=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Unnormalized ``(image (B, E), text (B', E))`` features of both towers.
+
+        Both schedules of the plan (DESIGN §3): per tower, or packed: per-tower prefixes
+        (vision stem/patchify + CLS + pos-emb + ln_pre and vision-only blocks with their
+        adapters; text embeddings and text-only blocks, e.g. MS-CLIP-S text block 0), then the
+        shared blocks on the packed image+text rows (one GEMM per shared weight, one varlen
+        attention call, one modality-indexed LayerNorm call per LN; an adapter before a shared
+        block acts on the image rows), then the tower-only suffixes, CLS / EOT pooling and
+        projections. The packing metadata is built once, on the host, from host lengths.
 
         Args:
             images: ``(B, 3, H, W)`` float, normalized.
             tokens: ``(B', context_length)`` int64; ``B'`` may differ from ``B``.
             packed: packed (True) or per-tower (False) execution; default ``config.packed``.
                 Packed needs a config whose shared blocks share attention and FFN.
+            text_lengths: ``(B',)`` host lengths ``eot + 1``, or None (see :meth:`encode_text`).
         Raises:
-            ValueError: bad input shapes, or ``packed=True`` on a config that cannot pack.
+            ValueError: bad input shapes or lengths, or ``packed=True`` on a config that cannot
+                pack.
         """
         packed = self.config.packed if packed is None else packed
-        if not packed:
-            x = images.to(self.visual.class_embedding.dtype)
-            return self.visual(x, self.vision_blocks()), self.text(tokens, self.text_blocks())
-        if not all(b.can_pack for b in self.blocks.values()) or not self.blocks:
+        if packed and self.plan.packed_span() is None:
             raise ValueError(f"packed execution needs share to include 'attn' and 'mlp' with non-empty share_layers; "
                              f"this model has share={list(self.config.share)}, "
                              f"share_layers={list(self.config.share_layers)}")
-        return self._features_packed(images, tokens)
-
-    def _features_packed(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Packed execution (DESIGN §3).
-
-        1. Per-tower prefixes: vision stem/patchify + CLS + pos-emb + ln_pre and any vision-only
-           blocks before the shared range (with their adapters); text embeddings and the
-           text-only blocks before it (MS-CLIP-S: text block 0).
-        2. Shared blocks ``start .. end-1`` on ``x (T, D)``, images first: one GEMM per shared
-           weight, one varlen attention call, one modality-indexed LayerNorm call per LN; the
-           residual add that ends a block is fused into the next block's ln_1. A lateral
-           adapter sitting before shared block ``i`` acts on the image slice between blocks.
-        3. Unpack; tower-only blocks after the shared range; CLS / EOT pooling, projections.
-        The packing metadata is built once, on the host, from the shapes (no host syncs).
-        """
-        v, t = self.visual, self.text
-        start, end = self.config.share_layers
-        images = images.to(v.class_embedding.dtype)
-        xi, branch = v.embed(images), images
-        for i in range(v.first_block, start):
-            xi, branch = v.adapt(i, xi, branch)
-            xi = v.blocks[str(i)](xi, IMAGE, causal=False)
-        xt = t.embed(tokens)
-        for i in range(0, start):
-            xt = t.blocks[str(i)](xt, TEXT, causal=True)
-        xt = xt.to(xi.dtype)
-
-        pack = PackedBatch.build(xi.shape[0], xi.shape[1], xt.shape[0], xt.shape[1], device=xi.device)
-        x, y = pack.pack(xi, xt), None
-        n_img = pack.image_rows
-        for i in range(start, end):
-            if i in v.adapter_layers:
-                if y is not None:
-                    x, y = x + y, None
-                img, branch = v.adapt(i, x[:n_img].reshape(pack.num_images, pack.image_len, -1), branch)
-                x = torch.cat([img.reshape(n_img, -1), x[n_img:]], 0)
-            x, y = self.blocks[str(i)].forward_packed(x, pack, y)
-        xi, xt = pack.unpack(x + y)
-
-        for i in range(end, v.layers):
-            xi, branch = v.adapt(i, xi, branch)
-            xi = v.blocks[str(i)](xi, IMAGE, causal=False)
-        for i in range(end, t.layers):
-            xt = t.blocks[str(i)](xt, TEXT, causal=True)
-        return v.pool(xi), t.pool(xt, tokens)
+        images = images.to(self.visual.class_embedding.dtype)
+        xi, pack_i = self.visual.embed_flat(images)
+        xt, pack_t, pool = self.text.embed(tokens, text_lengths, trim=self.config.trim_text)
+        streams = {IMAGE: Stream(xi, pack_i), TEXT: Stream(xt, pack_t)}
+        run = run_packed if packed else run_per_tower
+        out = run(self, self.plan, streams, self.visual.adapter_runner(images))
+        return self.visual.pool(out[IMAGE]), self.text.pool(out[TEXT], pool)

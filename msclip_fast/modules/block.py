@@ -14,7 +14,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .attention import MultiheadSelfAttention
+from .attention import ModalityParallelAttention, MultiheadSelfAttention
 from .layer_norm import MODALITY_NAMES, ModalityLayerNorm
 from .mlp import MLP, ModalityParallelFFN
 from .packing import PackedBatch
@@ -23,7 +23,7 @@ SHARE_CHOICES = ("attn", "mlp", "ln")
 
 
 class TransformerBlock(nn.Module):
-    """``x += attn(ln_1(x)); x += mlp(ln_2(x)) [+ pffn_m(ln_2(x))]``.
+    """``x += attn(ln_1(x)) [+ pattn_m(ln_1(x))]; x += mlp(ln_2(x)) [+ pffn_m(ln_2(x))]``.
 
     Args:
         width, heads: model width ``D`` and head count.
@@ -36,12 +36,16 @@ class TransformerBlock(nn.Module):
         eps: LayerNorm epsilon.
         parallel_ffn_dim: when > 0, a per-modality bottleneck FFN of that hidden width runs
             beside the (shared) FFN.
+        parallel_attn_dim, parallel_attn_heads: when ``parallel_attn_dim`` > 0, a light
+            per-modality attention of that width (in that many heads) runs beside the
+            (shared) attention on the same normalized input.
     Raises:
         ValueError: a bad ``share`` entry, empty/duplicate/unknown modalities, bad widths.
     """
 
     def __init__(self, width: int, heads: int, modalities: Iterable[int] = (0, 1), share: Iterable[str] = (),
-                 mlp_ratio: float = 4.0, act: str = "quick_gelu", eps: float = 1e-12, parallel_ffn_dim: int = 0):
+                 mlp_ratio: float = 4.0, act: str = "quick_gelu", eps: float = 1e-12, parallel_ffn_dim: int = 0,
+                 parallel_attn_dim: int = 0, parallel_attn_heads: int = 1):
         super().__init__()
         self.modalities = tuple(int(m) for m in modalities)
         if not self.modalities or len(set(self.modalities)) != len(self.modalities) or any(
@@ -70,6 +74,10 @@ class TransformerBlock(nn.Module):
         self.ln_2 = ModalityLayerNorm(width, n_ln, eps)
         self.parallel_ffn = (
             ModalityParallelFFN(width, parallel_ffn_dim, len(self.modalities), act) if parallel_ffn_dim > 0 else None
+        )
+        self.parallel_attn = (
+            ModalityParallelAttention(width, parallel_attn_dim, parallel_attn_heads, len(self.modalities))
+            if parallel_attn_dim > 0 else None
         )
 
     # -- helpers -------------------------------------------------------------------------
@@ -104,8 +112,7 @@ class TransformerBlock(nn.Module):
         stacked per-modality tensors included; other modalities' own modules excluded)."""
         i = self.local_index(modality)
         mods = [self._pick(self.attn, i), self._pick(self.mlp, i), self.ln_1, self.ln_2]
-        if self.parallel_ffn is not None:
-            mods.append(self.parallel_ffn)
+        mods += [m for m in (self.parallel_ffn, self.parallel_attn) if m is not None]
         return [p for m in mods for p in m.parameters()]
 
     def init_clip(self, layers: int) -> None:
@@ -133,6 +140,8 @@ class TransformerBlock(nn.Module):
         i = self.local_index(modality)
         h = self.ln_1(x, i)
         a = self._pick(self.attn, i)(h, causal=causal)
+        if self.parallel_attn is not None:
+            a = a + self.parallel_attn(h, i, causal=causal)
         # fused residual add + LayerNorm: (ln_2(x + a), x + a)
         h, x = self.ln_2(a, i, residual=x)
         y = self._pick(self.mlp, i)(h)
@@ -147,44 +156,74 @@ class TransformerBlock(nn.Module):
         return self.modalities == (0, 1) and {"attn", "mlp"} <= self.share
 
     def forward_packed(self, x: torch.Tensor, pack: PackedBatch, pending: torch.Tensor | None = None):
-        """Run a packed two-modality batch through this block (DESIGN §3).
+        """Run flat tokens ``(T, D)`` laid out by ``pack`` through this block (DESIGN §3): the
+        one block step of the model's executor, for a single modality's (possibly ragged)
+        sequences and for a packed two-modality batch alike.
 
+        Two-modality batches (``pack.modalities == (0, 1)``; the block must :attr:`can_pack`):
         QKV, out-projection and both FFN GEMMs run once over all ``T`` rows; attention is one
         varlen call with a per-sequence causal flag and the host-side ``pack.max_seqlen`` (no
-        host sync); each LayerNorm is one modality-indexed
-        call (``pack.modality_ids``; block-local ids equal global ids since modalities are
-        (0, 1)). The parallel FFN, when present, is one grouped call over the two contiguous
-        modality segments.
+        host sync); each LayerNorm is one modality-indexed call (``pack.modality_ids``;
+        block-local ids equal global ids since modalities are (0, 1)); the parallel modules,
+        when present, are grouped calls over the two contiguous modality segments.
+        Single-modality batches pick that modality's modules and LayerNorm rows; attention is
+        batched ``(B, L, D)`` when every sequence has one length, else varlen.
 
         The block's final residual add is left to the caller (returned as ``(x, y)`` with
         output ``x + y``) so that the next block can fuse it into its first LayerNorm: pass
         the previous block's ``y`` as ``pending``.
 
         Args:
-            x: ``(T, D)`` packed tokens (the residual stream, without ``pending``).
+            x: ``(T, D)`` tokens (the residual stream, without ``pending``).
             pack: the batch's :class:`PackedBatch`.
             pending: ``(T, D)`` residual update still to be added to ``x``, or None.
         Returns:
             ``(x, y)``, both ``(T, D)``; the block output is ``x + y``.
         Raises:
-            ValueError: the block cannot run packed (see :attr:`can_pack`) or bad shapes.
+            ValueError: a modality that does not run this block, two modalities on a block
+                that cannot pack (see :attr:`can_pack`), or bad shapes.
         """
-        if not self.can_pack:
-            raise ValueError(f"packed execution needs a block of modalities (0, 1) with shared attn and mlp; "
-                             f"this one has modalities={self.modalities}, share={sorted(self.share)}")
         if x.dim() != 2 or x.shape[0] != pack.total_rows:
             raise ValueError(f"packed x must be ({pack.total_rows}, {self.width}), got {tuple(x.shape)}")
-        ids = pack.modality_ids
+        if len(pack.modalities) == 1:
+            i = self.local_index(pack.modalities[0])
+            attn, mlp, ids = self._pick(self.attn, i), self._pick(self.mlp, i), i
+        else:
+            if not self.can_pack:
+                raise ValueError(f"packed execution needs a block of modalities (0, 1) with shared attn and mlp; "
+                                 f"this one has modalities={self.modalities}, share={sorted(self.share)}")
+            attn, mlp, ids = self.attn, self.mlp, pack.modality_ids
         if pending is None:
             h = self.ln_1(x, ids)
         else:
             h, x = self.ln_1(pending, ids, residual=x)
-        a = self.attn(h, causal=pack.causal, cu_seqlens=pack.cu_seqlens, max_seqlen=pack.max_seqlen)
+        a = self._attend(attn, h, pack)
+        if self.parallel_attn is not None:
+            a = a + self._attend_parallel(h, pack, ids)
         h, x = self.ln_2(a, ids, residual=x)
-        y = self.mlp(h)
+        y = mlp(h)
         if self.parallel_ffn is not None:
-            y = y + self.parallel_ffn.forward_grouped(h, pack.group_sizes)
+            y = y + (self.parallel_ffn(h, ids) if isinstance(ids, int)
+                     else self.parallel_ffn.forward_grouped(h, pack.group_sizes))
         return x, y
+
+    @staticmethod
+    def _attend(attn: MultiheadSelfAttention, h: torch.Tensor, pack: PackedBatch) -> torch.Tensor:
+        shape = pack.batched_shape
+        if shape is not None:
+            return attn(h.view(*shape, -1), causal=pack.causal).view(h.shape)
+        return attn(h, causal=pack.causal, cu_seqlens=pack.cu_seqlens, max_seqlen=pack.max_seqlen)
+
+    def _attend_parallel(self, h: torch.Tensor, pack: PackedBatch, ids) -> torch.Tensor:
+        shape = pack.batched_shape
+        if shape is not None:
+            return self.parallel_attn(h.view(*shape, -1), ids, causal=pack.causal).view(h.shape)
+        if isinstance(ids, int):  # one modality, ragged: all rows in that modality's segment
+            sizes = [0] * len(self.modalities)
+            sizes[ids] = h.shape[0]
+        else:
+            sizes = pack.group_sizes
+        return self.parallel_attn.forward_grouped(h, sizes, pack.cu_seqlens, pack.causal, pack.max_seqlen)
 
     def extra_repr(self) -> str:
         return f"modalities={self.modalities}, share={sorted(self.share)}"

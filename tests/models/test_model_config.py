@@ -8,7 +8,7 @@ from msclip_fast.models import ModelConfig, get_model_config, list_models
 
 PRESETS = ["clip-b32", "clip-b16", "msclip-b32", "msclip-b32-attn", "msclip-b32-mlp", "msclip-b32-all",
            "msclip-s-b32", "msclip-s-b16", "clip-tiny", "msclip-tiny", "msclip-attn-tiny", "msclip-mlp-tiny",
-           "msclip-all-tiny", "msclip-s-tiny"]
+           "msclip-all-tiny", "msclip-s-tiny", "msclip-b32-pattn", "msclip-pattn-tiny"]
 
 
 def test_list_models_has_every_preset():

@@ -7,7 +7,7 @@ import torch
 
 from msclip_fast import ops
 from msclip_fast.models import create_model
-from msclip_fast.modules import ModalityParallelFFN, PackedBatch, TransformerBlock
+from msclip_fast.modules import ModalityParallelFFN, PackedBatch, TransformerBlock, text_lengths
 
 EOT = 49407
 N_IMG, N_TXT = 3, 5  # different batch sizes on purpose
@@ -22,6 +22,8 @@ CASES = [
     ("msclip-s-tiny", {"parallel_ffn_dim": 16}),
     ("msclip-tiny", {"parallel_ffn_dim": 8, "share_layers": [1, 3]}),
     ("msclip-s-tiny", {"share_layers": [2, 3]}),
+    ("msclip-pattn-tiny", {}),
+    ("msclip-s-tiny", {"parallel_attn_dim": 16, "parallel_attn_heads": 2, "parallel_ffn_dim": 8}),
 ]
 IDS = [n + "".join(f"-{k}={v}" for k, v in o.items()).replace(" ", "") for n, o in CASES]
 
@@ -43,7 +45,7 @@ def _perturb(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if ".ln" in n or "parallel_ffn" in n or n.startswith("ln"):
+            if ".ln" in n or "parallel_" in n or n.startswith("ln"):
                 p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
@@ -107,13 +109,16 @@ def test_encode_paths_stay_per_tower():
     torch.testing.assert_close(txt, packed.encode_text(tokens, normalize=False), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("trim", [True, False], ids=["trimmed", "padded"])
 @pytest.mark.parametrize("name", ["msclip-s-tiny", "msclip-tiny"])
-def test_one_call_per_shared_op_and_no_host_sync(name, monkeypatch):
+def test_one_call_per_shared_op_and_no_host_sync(name, trim, monkeypatch):
     """On the meta device any host sync (.item(), .tolist(), bool(tensor), nonzero...) raises,
-    so a packed forward that completes there reads nothing back from the device. The attention
-    op is replaced by a meta-safe stand-in that records its calls (the reference backend
-    itself reads cu_seqlens on the host)."""
-    model = create_model(name, parallel_ffn_dim=8).to("meta")
+    so a packed forward that completes there reads nothing back from the device (given the
+    host-side text lengths, as the loader hands them over). The attention op is replaced by a
+    meta-safe stand-in that records its calls (the reference backend itself reads cu_seqlens
+    on the host)."""
+    model = create_model(name, parallel_ffn_dim=8, parallel_attn_dim=16, parallel_attn_heads=2,
+                         trim_text=trim).to("meta")
     calls = {"varlen": [], "batched": 0, "ln_ids": 0}
 
     def fake_attention(q, k, v, cu_seqlens=None, causal=False, scale=None, max_seqlen=None, backend="auto"):
@@ -121,8 +126,8 @@ def test_one_call_per_shared_op_and_no_host_sync(name, monkeypatch):
             calls["batched"] += 1
             assert max_seqlen is None
         else:
-            calls["varlen"].append((q.shape, cu_seqlens.shape, cu_seqlens.dtype, causal.shape, causal.dtype,
-                                    max_seqlen))
+            c = (tuple(causal.shape), causal.dtype) if isinstance(causal, torch.Tensor) else causal
+            calls["varlen"].append((q.shape, cu_seqlens.shape, cu_seqlens.dtype, c, max_seqlen))
         return q * 1.0
 
     real_ln = ops.modality_layer_norm
@@ -137,19 +142,29 @@ def test_one_call_per_shared_op_and_no_host_sync(name, monkeypatch):
     monkeypatch.setattr(ops, "modality_layer_norm", counting_ln)
     images = torch.empty(N_IMG, 3, 64, 64, device="meta")
     tokens = torch.empty(N_TXT, 77, dtype=torch.int64, device="meta")
-    img, txt, scale = model(images, tokens)
+    lengths = text_lengths(_tokens(N_TXT))
+    img, txt, scale = model(images, tokens, text_lengths=lengths)
     assert img.shape == (N_IMG, model.embed_dim) and txt.shape == (N_TXT, model.embed_dim)
     n_shared = len(model.blocks)
     L_img = model.config.grid_size**2 + 1
-    T = N_IMG * L_img + N_TXT * 77
-    assert len(calls["varlen"]) == n_shared
-    for q_shape, cu_shape, cu_dtype, c_shape, c_dtype, max_seqlen in calls["varlen"]:
-        assert q_shape[0] == T and cu_shape == (N_IMG + N_TXT + 1,) and cu_dtype == torch.int32
-        assert c_shape == (N_IMG + N_TXT,) and c_dtype == torch.bool
+    text_rows = int(lengths.sum()) if trim else N_TXT * 77
+    T = N_IMG * L_img + text_rows
+    joint = [c for c in calls["varlen"] if c[0][0] == T]
+    # the shared attention and the parallel attention: one varlen call each per shared block
+    assert len(joint) == 2 * n_shared
+    for q_shape, cu_shape, cu_dtype, c, max_seqlen in joint:
+        assert cu_shape == (N_IMG + N_TXT + 1,) and cu_dtype == torch.int32
+        assert c == ((N_IMG + N_TXT,), torch.bool)
         # the longest sequence comes from the host (no device read in the attention launcher)
-        assert type(max_seqlen) is int and max_seqlen == max(L_img, 77)
-    # tower-only blocks (MS-CLIP-S text block 0) run batched
-    assert calls["batched"] == len(model.text.blocks) + len(model.visual.blocks)
+        assert type(max_seqlen) is int and max_seqlen == max(L_img, int(lengths.max()) if trim else 77)
+    # tower-only blocks (MS-CLIP-S text block 0): ragged text runs varlen, causal, at its own
+    # lengths; images and padded text run batched
+    n_text_only, n_vision_only = len(model.text.blocks), len(model.visual.blocks)
+    text_only = [c for c in calls["varlen"] if c[0][0] == text_rows]
+    assert len(text_only) == (n_text_only if trim else 0)
+    for q_shape, cu_shape, cu_dtype, c, max_seqlen in text_only:
+        assert cu_shape == (N_TXT + 1,) and c is True and max_seqlen == int(lengths.max())
+    assert calls["batched"] == n_vision_only + (0 if trim else n_text_only)
     assert calls["ln_ids"] == 2 * n_shared  # ln_1 and ln_2 of each shared block, one call each
 
 

@@ -20,6 +20,9 @@ def _count(cfg):
     ("msclip-b32-all", 126_248_449),
     ("msclip-s-b32", 132_408_001),
     ("msclip-s-b16", 132_503_617),
+    # msclip-b32 + a parallel attention of width 128 (2 heads) beside each of the 12 shared
+    # blocks, per modality: QKV 3·128·768 + 3·128, out 768·128 + 768 = 394,368; x 2 x 12
+    ("msclip-b32-pattn", 126_285_313 + 2 * 12 * (3 * 128 * 768 + 3 * 128 + 768 * 128 + 768)),
 ])
 def test_preset_count(name, expected):
     assert _count(get_model_config(name)) == expected
