@@ -222,7 +222,8 @@ def test_parallel_ffn_grouped_equals_per_row_ids():
 
 def test_block_forward_packed_equals_per_modality():
     torch.manual_seed(0)
-    blk = TransformerBlock(32, 4, (0, 1), share=("attn", "mlp"), parallel_ffn_dim=8).double()
+    blk = TransformerBlock(32, 4, (0, 1), share=("attn", "mlp"), parallel_ffn_dim=8, parallel_attn_dim=16,
+                           parallel_attn_heads=2).double()
     _perturb(blk)
     with torch.no_grad():
         blk.ln_1.weight.add_(0.3 * torch.randn_like(blk.ln_1.weight))
