@@ -23,6 +23,7 @@ _LAZY = {
     "create_model": ("msclip_fast.models", "create_model"),
     "list_models": ("msclip_fast.models", "list_models"),
     "load_model": ("msclip_fast.models", "load_model"),
+    "text_lengths": ("msclip_fast.modules.packing", "text_lengths"),
 }
 
 __all__ = sorted(_LAZY)
