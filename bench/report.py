@@ -22,6 +22,7 @@ To re-measure and regenerate (CPU, a few minutes each on 2 cores)::
     python bench/bench_ops.py --device cpu --smoke --json bench/results/ops-cpu-smoke.json
     python bench/bench_train_step.py --json bench/results/train_step-cpu.json
     python bench/bench_packed.py --repeats 5 --json bench/results/packed-cpu.json
+    python bench/bench_trim.py --json bench/results/trim-cpu.json
     python -m bench.report --write bench/RESULTS.md --charts bench/charts
 
 JSON schema (version 1)
@@ -29,7 +30,7 @@ JSON schema (version 1)
 Every bench script's ``--json`` writes one object::
 
     schema      1
-    benchmark   "loss" | "ops" | "train_step" | "packed"
+    benchmark   "loss" | "ops" | "train_step" | "packed" | "trim"
     meta        where/when/how (bench/_common.py run_meta):
                   machine   {cpu, cores (usable), logical_cpus, torch_threads, gpu (name | null),
                              gpu_count, cuda, python, platform, load_avg and load_avg_end
@@ -71,10 +72,21 @@ repeats, full_repeats, min_run_time, backend, dtype, peak_tflops, skipped, total
 gflop_per_sample, gflops_achieved, mfu, cpu_share, loss}. Headline
 ``train_step_samples_per_s_<preset>``.
 
-``packed`` (bench_packed.py): settings {presets, batch_size, warmup, repeats, backend, dtype,
-total_s}; rows {preset, batch, tokens_packed, packed_ms, packed_iqr_ms, per_tower_ms,
-per_tower_iqr_ms, repeats, ratio (= per-tower / packed), loss_diff}. Headline
-``packed_vs_per_tower_<preset>``.
+``packed`` (bench_packed.py): settings {presets, batch_size, warmup, repeats, trims, text,
+[corpus_lengths], backend, dtype, total_s}; rows {preset, trim (text trimmed at EOT), batch,
+text_rows, tokens_packed, packed_ms, packed_iqr_ms, per_tower_ms, per_tower_iqr_ms, repeats, ratio
+(= per-tower / packed), loss_diff}. Headline ``packed_vs_per_tower_<preset>`` (trimmed) and
+``packed_vs_per_tower_<preset>_padded``.
+
+``trim`` (bench_trim.py): settings {presets, batch_size, full_batch_size, warmup, repeats, seed,
+backend, dtype, captions, corpus_lengths {n, mean, median, p90, p99, max, cut_at_context},
+total_s}; rows {preset, params_m, batch, packed, len_mean, len_median, len_p90, len_max,
+text_rows_trimmed, text_rows_padded, gflop_trimmed, gflop_padded, flop_ratio (= padded /
+trimmed), text_gflop_trimmed, text_gflop_padded, image_gflop, trimmed_ms, trimmed_iqr_ms,
+padded_ms, padded_iqr_ms, time_ratio (= padded / trimmed), repeats, trimmed_fwd_ms,
+trimmed_bwd_ms, trimmed_opt_ms, padded_fwd_ms, padded_bwd_ms, padded_opt_ms, text_trimmed_ms,
+text_padded_ms, text_time_ratio, image_ms, cpu_share, loss_diff, note}. Headline
+``trim_flop_ratio_<preset>``, ``trim_step_speedup_<preset>``.
 
 Numbers are null where not measured (JSON has no NaN).
 """
@@ -94,14 +106,16 @@ ROOT = _common.ROOT
 SCHEMA = _common.SCHEMA
 NAME = "bench_report"
 BEGIN, END = _common.markers(NAME)
-ORDER = ("loss", "ops", "train_step", "packed")
+ORDER = ("loss", "ops", "train_step", "packed", "trim")
 TITLES = {"loss": "Contrastive loss", "ops": "Ops vs PyTorch", "train_step": "Train step throughput",
-          "packed": "Packed vs per-tower"}
+          "packed": "Packed vs per-tower", "trim": "Text trimmed at EOT vs padded"}
 _ROW_KEYS = {
     "loss": ("impl", "n", "status"),
     "ops": ("op", "case", "impl", "mode", "ms"),
     "train_step": ("preset", "batch", "median_ms", "samples_per_s"),
     "packed": ("preset", "batch", "packed_ms", "per_tower_ms", "ratio"),
+    "trim": ("preset", "batch", "gflop_trimmed", "gflop_padded", "flop_ratio", "trimmed_ms", "padded_ms",
+             "time_ratio"),
 }
 _META_KEYS = ("machine", "command", "date_utc", "commit", "device")
 
@@ -369,22 +383,86 @@ def _packed_body(doc: dict) -> list[str]:
         "differences within the IQR as noise.",
         "",
     ]
-    body = [[r["preset"], str(r["batch"]), _f(r.get("tokens_packed"), "d"), _f(r["packed_ms"], ".1f"),
+    if any("trim" in r for r in doc["rows"]):
+        text = s.get("text", "synthetic")
+        cl = s.get("corpus_lengths") or {}
+        lines[0] += (" trim yes: each caption runs its own `eot + 1` tokens (`trim_text=True`, the default; "
+                     "ragged text sequences); no: every caption padded to the context length (`trim_text=False`). "
+                     + (f"Captions: a seeded sample of the {text}" + (f"; corpus eot+1 mean {cl['mean']:.1f}, median "
+                                                                       f"{cl['median']:.0f}, p90 {cl['p90']:.0f}"
+                                                                       if cl.get("mean") is not None else "")
+                        if text != "synthetic" else "Captions: synthetic (random ids, EOT at a uniform random "
+                                                    "position)") + ". text rows = sum of the text lengths run.")
+    trim = {True: "yes", False: "no", None: "–"}
+    body = [[r["preset"], trim[r.get("trim")], str(r["batch"]), _f(r.get("text_rows"), "d"),
+             _f(r.get("tokens_packed"), "d"), _f(r["packed_ms"], ".1f"),
              _f(r.get("packed_iqr_ms"), ".1f"), _f(r["per_tower_ms"], ".1f"), _f(r.get("per_tower_iqr_ms"), ".1f"),
              _f(r.get("repeats"), "d"), _f(r["ratio"], ".2f"), _f(r.get("loss_diff"), ".1e")] for r in doc["rows"]]
-    lines += _table(["preset", "batch", "packed rows T", "packed step (ms)", "IQR", "per-tower step (ms)", "IQR",
-                     "timed steps", "ratio per-tower/packed", "first-step loss diff"], body)
+    lines += _table(["preset", "trim", "batch", "text rows", "packed rows T", "packed step (ms)", "IQR",
+                     "per-tower step (ms)", "IQR", "timed steps", "ratio per-tower/packed", "first-step loss diff"],
+                    body, "---|---|" + "---:|" * 10)
     return lines
 
 
-_BODY = {"loss": _loss_body, "ops": _ops_body, "train_step": _train_step_body, "packed": _packed_body}
+def _trim_body(doc: dict) -> list[str]:
+    s = doc.get("settings", {})
+    cl = s.get("corpus_lengths") or {}
+    corpus = (f" Corpus: {cl.get('n', '?')} captions, `eot + 1` mean {_f(cl.get('mean'), '.1f')}, median "
+              f"{_f(cl.get('median'), '.0f')}, p90 {_f(cl.get('p90'), '.0f')}, p99 {_f(cl.get('p99'), '.0f')}, max "
+              f"{_f(cl.get('max'), 'd')} of 77" + (f" ({cl['cut_at_context']:.2%} cut at the context length)"
+                                                  if cl.get("cut_at_context") else "") + "." if cl else "")
+    lines = [
+        "The same model with the text tower trimmed at each caption's EOT (`trim_text=True`, the default: "
+        "caption b runs its own `eot + 1` tokens) and padded to the context length (`trim_text=False`), "
+        "identical weights, the same batch: random pixels and a seeded sample of "
+        f"{s.get('captions', '?')}, tokenized with the CLIP tokenizer, `text_lengths` from the CPU tokens."
+        + corpus + " GFLOP/sample: forward + backward of one training step (`FlopCounterMode`: matmuls, "
+        "attention, convolutions; not the optimizer); text and image = `encode_text` / `encode_image` "
+        "forward + backward counted alone (text includes the shared blocks' text rows). Step = forward + "
+        f"ClipLoss + backward + AdamW step, {s.get('dtype', 'fp32')}, every op on the "
+        f"`{s.get('backend', 'reference')}` backend; trimmed and padded steps alternate in one process; "
+        "medians (IQR) over the timed steps. Ratios = padded / trimmed (> 1: trimming is cheaper).",
+        "",
+    ]
+    rows = doc["rows"]
+    body = [[r["preset"], str(r["batch"]), "yes" if r.get("packed") else "no",
+             f"{_f(r.get('len_mean'), '.1f')} / {_f(r.get('len_median'), '.0f')} / {_f(r.get('len_p90'), '.0f')}",
+             _f(r["gflop_trimmed"], ".2f"), _f(r["gflop_padded"], ".2f"), _f(r["flop_ratio"], ".2f") + "x",
+             _f(r.get("text_gflop_trimmed"), ".2f"), _f(r.get("text_gflop_padded"), ".2f"),
+             _f(r.get("image_gflop"), ".2f")] for r in rows]
+    lines += _table(["preset", "batch", "packed", "batch eot+1 mean / median / p90", "GFLOP/sample trimmed",
+                     "padded", "FLOP ratio", "text GFLOP trimmed", "text padded", "image GFLOP"], body,
+                    "---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    lines.append("")
+    body = [[r["preset"], f"{_f(r['trimmed_ms'], '.0f')} ({_f(r.get('trimmed_iqr_ms'), '.0f')})",
+             f"{_f(r['padded_ms'], '.0f')} ({_f(r.get('padded_iqr_ms'), '.0f')})", _f(r["time_ratio"], ".2f") + "x",
+             f"{_f(r.get('trimmed_fwd_ms'), '.0f')} / {_f(r.get('trimmed_bwd_ms'), '.0f')} / "
+             f"{_f(r.get('trimmed_opt_ms'), '.0f')}",
+             f"{_f(r.get('padded_fwd_ms'), '.0f')} / {_f(r.get('padded_bwd_ms'), '.0f')} / "
+             f"{_f(r.get('padded_opt_ms'), '.0f')}",
+             _f(r.get("text_trimmed_ms"), ".0f"), _f(r.get("text_padded_ms"), ".0f"),
+             _f(r.get("text_time_ratio"), ".2f") + ("x" if r.get("text_time_ratio") is not None else ""),
+             _f(r.get("image_ms"), ".0f"), _f(r.get("repeats"), "d"), _f(r.get("cpu_share"), ".2f"),
+             _f(r.get("loss_diff"), ".1e")] for r in rows]
+    lines += _table(["preset", "step trimmed ms (IQR)", "step padded ms (IQR)", "time ratio",
+                     "trimmed fwd / bwd / AdamW ms", "padded fwd / bwd / AdamW ms", "text tower alone trimmed ms",
+                     "padded", "text time ratio", "image tower alone ms", "timed steps", "CPU share",
+                     "first-step loss diff"], body)
+    notes = [f"- {r['preset']}: {r['note']}" for r in rows if r.get("note")]
+    if notes:
+        lines += ["", "Where the time goes (each row's `note`, from its own measurements):", ""] + notes
+    return lines
+
+
+_BODY = {"loss": _loss_body, "ops": _ops_body, "train_step": _train_step_body, "packed": _packed_body,
+         "trim": _trim_body}
 
 
 def title(doc: dict) -> str:
     s = doc.get("settings", {})
     dev = "GPU" if doc["meta"]["device"] == "cuda" else "CPU"
     extra = {"loss": s.get("dtype"), "ops": f"{s.get('dtype', '')}{', smoke' if s.get('smoke') else ''}",
-             "train_step": None, "packed": None}[doc["benchmark"]]
+             "train_step": None, "packed": None, "trim": None}[doc["benchmark"]]
     return f"{TITLES[doc['benchmark']]} ({dev}{', ' + extra if extra else ''})"
 
 
@@ -518,7 +596,9 @@ def _chart_packed(plt, doc: dict, path: Path) -> bool:
         half_iqr = [(r.get(f"{key}_iqr_ms") or 0) / 2 for r in rows]
         ax.barh([v + off for v in y], vals, h, xerr=half_iqr, capsize=3, label=label)
     ax.set_yticks(y)
-    ax.set_yticklabels([f"{r['preset']} (batch {r['batch']})\nratio {r['ratio']:.2f}" for r in rows], fontsize=8)
+    trim = {True: ", trimmed", False: ", padded", None: ""}
+    ax.set_yticklabels([f"{r['preset']}{trim[r.get('trim')]} (batch {r['batch']})\nratio {r['ratio']:.2f}"
+                        for r in rows], fontsize=8)
     ax.set_xlabel("train step median (ms); whiskers: +/- IQR/2")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(f"Packed vs per-tower, {doc['meta']['device']}", fontsize=10)
@@ -527,7 +607,53 @@ def _chart_packed(plt, doc: dict, path: Path) -> bool:
     return True
 
 
-_CHART = {"loss": _chart_loss, "ops": _chart_ops, "train_step": _chart_train_step, "packed": _chart_packed}
+def _chart_trim(plt, doc: dict, path: Path) -> bool:
+    rows = doc["rows"]
+    if not rows:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.9 * len(rows) + 2.0))
+    labels, y = [], []
+    for i, r in enumerate(rows):
+        for j, k in enumerate(("trimmed", "padded")):
+            y.append(3 * (len(rows) - 1 - i) + (1 - j))
+            labels.append(f"{r['preset']} {k}")
+    # FLOPs: image tower + text tower (+ the rest: loss, pooling)
+    ax = axes[0]
+    for yy, (r, k) in zip(y, ((r, k) for r in rows for k in ("trimmed", "padded"))):
+        img, txt = r.get("image_gflop") or 0, r.get(f"text_gflop_{k}") or 0
+        ax.barh(yy, img, color="tab:blue", label="image tower" if yy == y[0] else None)
+        ax.barh(yy, txt, left=img, color="tab:orange", label="text tower" if yy == y[0] else None)
+        ax.annotate(f"{r[f'gflop_{k}']:.3g}", (img + txt, yy), xytext=(4, -3), textcoords="offset points",
+                    fontsize=7)
+    ax.set_yticks(y)
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.set_xlabel("GFLOP/sample, forward + backward")
+    ax.legend(fontsize=8)
+    ax.set_title("FLOPs (ratio " + ", ".join(f"{r['flop_ratio']:.2f}x" for r in rows) + ")", fontsize=10)
+    # time: forward / backward / optimizer
+    ax = axes[1]
+    for yy, (r, k) in zip(y, ((r, k) for r in rows for k in ("trimmed", "padded"))):
+        left = 0.0
+        for ph, color, lab in (("fwd", "tab:green", "forward + loss"), ("bwd", "tab:red", "backward"),
+                               ("opt", "tab:gray", "AdamW step")):
+            v = r.get(f"{k}_{ph}_ms") or 0
+            ax.barh(yy, v, left=left, color=color, label=lab if yy == y[0] else None)
+            left += v
+        ax.annotate(f"{r[f'{k}_ms']:.0f}", (left, yy), xytext=(4, -3), textcoords="offset points", fontsize=7)
+    ax.set_yticks(y)
+    ax.set_yticklabels([])
+    ax.set_xlabel("train step median (ms)")
+    ax.legend(fontsize=8)
+    ax.set_title("Step time (ratio " + ", ".join(f"{r['time_ratio']:.2f}x" for r in rows) + ")", fontsize=10)
+    fig.suptitle(f"Text trimmed at EOT vs padded, {doc['meta']['device']}, backend "
+                 f"{doc.get('settings', {}).get('backend', 'reference')}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return True
+
+
+_CHART = {"loss": _chart_loss, "ops": _chart_ops, "train_step": _chart_train_step, "packed": _chart_packed,
+          "trim": _chart_trim}
 
 
 def draw_chart(doc: dict, path: Path) -> bool:

@@ -63,8 +63,33 @@ def train_step_doc():
 
 def packed_doc():
     rows = [{"preset": "msclip-tiny", "batch": 64, "tokens_packed": 9088, "packed_ms": 717.9, "packed_iqr_ms": 141.6,
-             "per_tower_ms": 583.5, "per_tower_iqr_ms": 99.2, "repeats": 5, "ratio": 0.81, "loss_diff": 0.0}]
-    return {"schema": 1, "benchmark": "packed", "meta": meta(), "settings": {}, "rows": rows, "headline": {}}
+             "per_tower_ms": 583.5, "per_tower_iqr_ms": 99.2, "repeats": 5, "ratio": 0.81, "loss_diff": 0.0},
+            {"preset": "msclip-s-tiny", "trim": True, "batch": 64, "text_rows": 1088, "tokens_packed": 5184,
+             "packed_ms": 401.2, "packed_iqr_ms": 10.0, "per_tower_ms": 420.5, "per_tower_iqr_ms": 12.0, "repeats": 5,
+             "ratio": 1.05, "loss_diff": 0.0},
+            {"preset": "msclip-s-tiny", "trim": False, "batch": 64, "text_rows": 4928, "tokens_packed": 9024,
+             "packed_ms": 650.0, "packed_iqr_ms": 10.0, "per_tower_ms": 640.0, "per_tower_iqr_ms": 12.0, "repeats": 5,
+             "ratio": 0.98, "loss_diff": 0.0}]
+    return {"schema": 1, "benchmark": "packed", "meta": meta(),
+            "settings": {"text": "openclipart training captions (make_shards)",
+                         "corpus_lengths": {"n": 8116, "mean": 16.9, "median": 19.0, "p90": 24.0}},
+            "rows": rows, "headline": {}}
+
+
+def trim_doc():
+    row = {"preset": "msclip-s-b32", "params_m": 151.3, "batch": 8, "packed": True, "len_mean": 16.8, "len_median": 19.0,
+           "len_p90": 21.0, "len_max": 21, "text_rows_trimmed": 134, "text_rows_padded": 616,
+           "gflop_trimmed": 42.09, "gflop_padded": 73.47, "flop_ratio": 1.745, "text_gflop_trimmed": 8.9,
+           "text_gflop_padded": 40.3, "image_gflop": 33.2, "trimmed_ms": 4123.0, "trimmed_iqr_ms": 55.0,
+           "padded_ms": 6789.0, "padded_iqr_ms": 80.0, "time_ratio": 1.647, "repeats": 5, "trimmed_fwd_ms": 1500.0,
+           "trimmed_bwd_ms": 2100.0, "trimmed_opt_ms": 523.0, "padded_fwd_ms": 2500.0, "padded_bwd_ms": 3766.0,
+           "padded_opt_ms": 523.0, "text_trimmed_ms": 800.0, "text_padded_ms": 3400.0, "text_time_ratio": 4.25,
+           "image_ms": 2800.0, "cpu_share": 0.97, "loss_diff": 0.0, "note": "FLOP ratio 1.75, time ratio 1.65. Why."}
+    return {"schema": 1, "benchmark": "trim", "meta": meta(),
+            "settings": {"backend": "reference", "dtype": "fp32", "captions": "openclipart (make_shards captions)",
+                         "corpus_lengths": {"n": 8116, "mean": 16.92, "median": 19.0, "p90": 24.0, "p99": 39.0,
+                                            "max": 77, "cut_at_context": 0.0005}},
+            "rows": [row], "headline": {"trim_flop_ratio_msclip-s-b32": 1.745}}
 
 
 KERNEL_SECTION = "<!-- kernel_report:begin -->\n## Static kernel report\n| k | regs |\n|---|---:|\n| a | 96 |\n<!-- kernel_report:end -->\n"
@@ -75,7 +100,7 @@ def results(tmp_path):
     d = tmp_path / "results"
     d.mkdir()
     docs = {"loss-cpu-fp32": loss_doc(), "ops-cpu-smoke": ops_doc(), "train_step-cpu": train_step_doc(),
-            "packed-cpu": packed_doc(), "loss-cuda-bf16": loss_doc("cuda"), "ops-cuda": ops_doc("cuda")}
+            "packed-cpu": packed_doc(), "trim-cpu": trim_doc(), "loss-cuda-bf16": loss_doc("cuda"), "ops-cuda": ops_doc("cuda")}
     docs["loss-cuda-bf16"]["settings"]["dtype"] = "bf16"
     docs["loss-cuda-bf16"]["rows"][0]["time_s"] = 0.0123  # a GPU-only number
     for name, doc in docs.items():
@@ -97,7 +122,15 @@ def test_tables_charts_and_gpu_section(bench, results, tmp_path):
     assert "- Command: `python bench/bench_loss.py --device cpu`" in cpu and "2026-11-30 16:02:00 UTC" in cpu
     assert "Not run: triton at N=4096,8192: no CUDA device" in cpu
     assert "| preset | params (M) |" in cpu and "| clip-tiny | 4.21 | 32 | 64 | 188.3 |" in cpu
-    assert "| msclip-tiny | 64 | 9088 | 717.9 |" in cpu
+    assert "| msclip-tiny | – | 64 | – | 9088 | 717.9 |" in cpu  # a packed row from before trim_text
+    assert "| msclip-s-tiny | yes | 64 | 1088 | 5184 | 401.2 |" in cpu and "| msclip-s-tiny | no | 64 | 4928 |" in cpu
+    assert "the openclipart training captions (make_shards); corpus eot+1 mean 16.9, median 19, p90 24." in cpu
+    # trimmed vs padded: FLOP and time tables, the corpus, the note
+    assert "### Text trimmed at EOT vs padded (CPU)" in cpu
+    assert "| msclip-s-b32 | 8 | yes | 16.8 / 19 / 21 | 42.09 | 73.47 | 1.75x | 8.90 | 40.30 | 33.20 |" in cpu
+    assert "| msclip-s-b32 | 4123 (55) | 6789 (80) | 1.65x | 1500 / 2100 / 523 | 2500 / 3766 / 523 | 800 | 3400 |" in cpu
+    assert "Corpus: 8116 captions, `eot + 1` mean 16.9, median 19, p90 24, p99 39, max 77 of 77" in cpu
+    assert "- msclip-s-b32: FLOP ratio 1.75, time ratio 1.65. Why." in cpu
     assert "RuntimeError: No available kernel" in cpu
     # GPU documents only in the GPU section, CPU ones only in the CPU section
     assert "0.0123" in gpu and "0.0123" not in cpu
@@ -105,7 +138,7 @@ def test_tables_charts_and_gpu_section(bench, results, tmp_path):
     assert "(GPU" not in cpu and "Train step" not in gpu
     charts = sorted(p.name for p in (tmp_path / "charts").iterdir())
     assert charts == ["loss-cpu-fp32.png", "loss-cuda-bf16.png", "ops-cpu-smoke.png", "ops-cuda.png",
-                      "packed-cpu.png", "train_step-cpu.png"]
+                      "packed-cpu.png", "train_step-cpu.png", "trim-cpu.png"]
     for c in charts:
         data = (tmp_path / "charts" / c).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
