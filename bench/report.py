@@ -611,40 +611,44 @@ def _chart_trim(plt, doc: dict, path: Path) -> bool:
     rows = doc["rows"]
     if not rows:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(11, 0.9 * len(rows) + 2.0))
-    labels, y = [], []
+    # one row of panels per preset (tiny and full-size presets differ ~100x in FLOPs and time)
+    fig, axes = plt.subplots(len(rows), 2, figsize=(11, 1.7 * len(rows) + 1.0), squeeze=False)
+    kinds = ("trimmed", "padded")
     for i, r in enumerate(rows):
-        for j, k in enumerate(("trimmed", "padded")):
-            y.append(3 * (len(rows) - 1 - i) + (1 - j))
-            labels.append(f"{r['preset']} {k}")
-    # FLOPs: image tower + text tower (+ the rest: loss, pooling)
-    ax = axes[0]
-    for yy, (r, k) in zip(y, ((r, k) for r in rows for k in ("trimmed", "padded"))):
-        img, txt = r.get("image_gflop") or 0, r.get(f"text_gflop_{k}") or 0
-        ax.barh(yy, img, color="tab:blue", label="image tower" if yy == y[0] else None)
-        ax.barh(yy, txt, left=img, color="tab:orange", label="text tower" if yy == y[0] else None)
-        ax.annotate(f"{r[f'gflop_{k}']:.3g}", (img + txt, yy), xytext=(4, -3), textcoords="offset points",
-                    fontsize=7)
-    ax.set_yticks(y)
-    ax.set_yticklabels(labels, fontsize=8)
-    ax.set_xlabel("GFLOP/sample, forward + backward")
-    ax.legend(fontsize=8)
-    ax.set_title("FLOPs (ratio " + ", ".join(f"{r['flop_ratio']:.2f}x" for r in rows) + ")", fontsize=10)
-    # time: forward / backward / optimizer
-    ax = axes[1]
-    for yy, (r, k) in zip(y, ((r, k) for r in rows for k in ("trimmed", "padded"))):
-        left = 0.0
-        for ph, color, lab in (("fwd", "tab:green", "forward + loss"), ("bwd", "tab:red", "backward"),
-                               ("opt", "tab:gray", "AdamW step")):
-            v = r.get(f"{k}_{ph}_ms") or 0
-            ax.barh(yy, v, left=left, color=color, label=lab if yy == y[0] else None)
-            left += v
-        ax.annotate(f"{r[f'{k}_ms']:.0f}", (left, yy), xytext=(4, -3), textcoords="offset points", fontsize=7)
-    ax.set_yticks(y)
-    ax.set_yticklabels([])
-    ax.set_xlabel("train step median (ms)")
-    ax.legend(fontsize=8)
-    ax.set_title("Step time (ratio " + ", ".join(f"{r['time_ratio']:.2f}x" for r in rows) + ")", fontsize=10)
+        ax = axes[i][0]
+        for yy, k in zip((1, 0), kinds):
+            img, txt = r.get("image_gflop") or 0, r.get(f"text_gflop_{k}") or 0
+            ax.barh(yy, img, color="tab:blue", label="image tower" if k == "trimmed" else None)
+            ax.barh(yy, txt, left=img, color="tab:orange", label="text tower" if k == "trimmed" else None)
+            ax.annotate(f"{r[f'gflop_{k}']:.3g}", (img + txt, yy), xytext=(4, -3), textcoords="offset points",
+                        fontsize=7)
+        ax.set_xlim(0, 1.15 * max(r["gflop_trimmed"], r["gflop_padded"]))
+        ax.set_yticks((1, 0))
+        ax.set_yticklabels([f"{r['preset']} {k}" for k in kinds], fontsize=8)
+        ax.set_title(f"{r['preset']} (batch {r['batch']}): GFLOP/sample fwd+bwd, ratio {r['flop_ratio']:.2f}x",
+                     fontsize=9)
+        ax.set_ylim(-0.6, 2.1)
+        if i == 0:
+            ax.legend(fontsize=7, loc="upper right", ncol=2, frameon=False)
+        ax = axes[i][1]
+        for yy, k in zip((1, 0), kinds):
+            left = 0.0
+            for ph, color, lab in (("fwd", "tab:green", "forward + loss"), ("bwd", "tab:red", "backward"),
+                                   ("opt", "tab:gray", "AdamW step")):
+                v = r.get(f"{k}_{ph}_ms") or 0
+                ax.barh(yy, v, left=left, color=color, label=lab if k == "trimmed" else None)
+                left += v
+            ax.annotate(f"{r[f'{k}_ms']:.0f} ms", (left, yy), xytext=(4, -3), textcoords="offset points",
+                        fontsize=7)
+        ax.set_xlim(0, 1.2 * max(r["trimmed_ms"], r["padded_ms"], 1e-9))
+        ax.set_yticks((1, 0))
+        ax.set_yticklabels([])
+        ax.set_title(f"step time (median of phases), ratio {r['time_ratio']:.2f}x", fontsize=9)
+        ax.set_ylim(-0.6, 2.1)
+        if i == 0:
+            ax.legend(fontsize=7, loc="upper right", ncol=3, frameon=False)
+    axes[-1][0].set_xlabel("GFLOP/sample, forward + backward")
+    axes[-1][1].set_xlabel("train step (ms)")
     fig.suptitle(f"Text trimmed at EOT vs padded, {doc['meta']['device']}, backend "
                  f"{doc.get('settings', {}).get('backend', 'reference')}", fontsize=10)
     fig.tight_layout()
