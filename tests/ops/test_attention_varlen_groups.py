@@ -1,5 +1,7 @@
-"""The varlen reference computes runs of consecutive equal-length, equal-causal sequences as one
-batched call (so a packed image+text batch costs two calls, not B_img + B_txt)."""
+"""The varlen reference computes each run of consecutive sequences with one causal flag as one
+batched call (so a packed image+text batch costs two calls, not B_img + B_txt): a run of equal
+lengths as a zero-copy reshape, a ragged one padded (tests/ops/test_reference_ragged.py).
+``varlen_groups`` (runs of equal length and flag) stays for callers that batch that way."""
 import importlib
 import math
 
@@ -57,15 +59,20 @@ def test_packed_batch_is_two_dense_calls(monkeypatch):
     calls = []
     real = attention_mod._dense
 
-    def spy(q, k, v, causal, scale):
-        calls.append((tuple(q.shape), causal))
-        return real(q, k, v, causal, scale)
+    def spy(q, k, v, causal, scale, key_padding=None):
+        calls.append((tuple(q.shape), causal, key_padding is not None))
+        return real(q, k, v, causal, scale, key_padding)
 
     monkeypatch.setattr(attention_mod, "_dense", spy)
     cu = torch.tensor([0, 65, 130, 195, 272, 349], dtype=torch.int32)
     q = torch.randn(349, 4, 32)
     ops.attention(q, q, q, cu_seqlens=cu, causal=torch.tensor([False] * 3 + [True] * 2), backend="reference")
-    assert calls == [((3, 4, 65, 32), False), ((2, 4, 77, 32), True)]
+    # equal lengths in each run: zero-copy views, no padding mask
+    assert calls == [((3, 4, 65, 32), False, False), ((2, 4, 77, 32), True, False)]
     calls.clear()
-    ops.attention(q, q, q, cu_seqlens=cu, causal=True, backend="reference")  # a bool flag for all
-    assert calls == [((3, 4, 65, 32), True), ((2, 4, 77, 32), True)]
+    # a bool flag for all: one ragged run, padded to 77 (causal: the mask hides the padding)
+    ops.attention(q, q, q, cu_seqlens=cu, causal=True, backend="reference")
+    assert calls == [((5, 4, 77, 32), True, False)]
+    calls.clear()
+    ops.attention(q, q, q, cu_seqlens=cu, causal=False, backend="reference")  # non-causal: a key mask
+    assert calls == [((5, 4, 77, 32), False, True)]
