@@ -414,7 +414,7 @@ def _trim_body(doc: dict) -> list[str]:
     lines = [
         "The same model with the text tower trimmed at each caption's EOT (`trim_text=True`, the default: "
         "caption b runs its own `eot + 1` tokens) and padded to the context length (`trim_text=False`), "
-        "identical weights, the same batch: random pixels and a seeded sample of "
+        "identical weights, the same batch: random pixels and a seeded sample of the captions from "
         f"{s.get('captions', '?')}, tokenized with the CLIP tokenizer, `text_lengths` from the CPU tokens."
         + corpus + " GFLOP/sample: forward + backward of one training step (`FlopCounterMode`: matmuls, "
         "attention, convolutions; not the optimizer); text and image = `encode_text` / `encode_image` "
