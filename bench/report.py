@@ -462,7 +462,7 @@ def title(doc: dict) -> str:
     s = doc.get("settings", {})
     dev = "GPU" if doc["meta"]["device"] == "cuda" else "CPU"
     extra = {"loss": s.get("dtype"), "ops": f"{s.get('dtype', '')}{', smoke' if s.get('smoke') else ''}",
-             "train_step": None, "packed": None, "trim": None}[doc["benchmark"]]
+             "train_step": None, "packed": ", ".join(s.get("presets") or []) or None, "trim": None}[doc["benchmark"]]
     return f"{TITLES[doc['benchmark']]} ({dev}{', ' + extra if extra else ''})"
 
 
