@@ -27,7 +27,7 @@ def test_one_preset_writes_json(bench, tmp_path, capsys):
     assert doc["headline"] == {"packed_vs_per_tower_msclip-tiny": round(trimmed.ratio, 3),
                                "packed_vs_per_tower_msclip-tiny_padded": round(padded.ratio, 3)}
     printed = capsys.readouterr().out
-    assert "Packed vs per-tower (CPU)" in printed and "| msclip-tiny | yes | 2 |" in printed
+    assert "Packed vs per-tower (CPU, msclip-tiny)" in printed and "| msclip-tiny | yes | 2 |" in printed
     assert "| msclip-tiny | no | 2 | 154 |" in printed
 
 
