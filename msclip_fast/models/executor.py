@@ -11,6 +11,11 @@ is :meth:`TransformerBlock.forward_packed` with the block's final residual add l
 
 So packed and per-tower execution differ only in which rows share a call: the same blocks,
 adapters and residual adds run in the same order on every token.
+
+Activation checkpointing (``model.grad_checkpointing``, open_clip's attribute name) wraps this
+one step, so every block of every schedule is recomputed in backward instead of keeping its
+activations. Only transformer blocks are wrapped: the adapters of the parallel branch hold
+BatchNorm, whose running statistics a recomputation would update a second time.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from typing import Callable, Mapping
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..modules.layer_norm import IMAGE, TEXT
 from ..modules.packing import PackedBatch
@@ -55,7 +61,14 @@ def _step(model: nn.Module, pos: Position, s: Stream, adapter: Adapter | None) -
         x = s.flush()
         n = s.pack.image_rows
         s.x = adapter(pos.adapter, x) if n == x.shape[0] else torch.cat([adapter(pos.adapter, x[:n]), x[n:]], 0)
-    s.x, s.pending = model.get_submodule(pos.block).forward_packed(s.x, s.pack, s.pending)
+    block = model.get_submodule(pos.block)
+    if getattr(model, "grad_checkpointing", False) and torch.is_grad_enabled():
+        # non-reentrant: it accepts inputs that do not require grad (a frozen tower's tokens),
+        # a None ``pending`` and the host-side PackedBatch, and under DeepSpeed ZeRO-3 the
+        # submodules' parameter-gathering hooks fire again inside the recomputation
+        s.x, s.pending = checkpoint(block.forward_packed, s.x, s.pack, s.pending, use_reentrant=False)
+    else:
+        s.x, s.pending = block.forward_packed(s.x, s.pack, s.pending)
 
 
 def run_per_tower(model: nn.Module, plan: ExecutionPlan, streams: Mapping[int, Stream],

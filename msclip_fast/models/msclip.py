@@ -51,6 +51,7 @@ class MSCLIP(nn.Module):
         self.plan = ExecutionPlan.from_config(cfg)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
         self._locked = {"image": False, "text": False}
+        self.grad_checkpointing = False
         self._init_clip()
 
     # -- attributes of the public API -----------------------------------------------------
@@ -129,6 +130,17 @@ class MSCLIP(nn.Module):
     def lock_text_tower(self) -> None:
         """Freeze every parameter the text tower uses (shared blocks included)."""
         self._lock("text")
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every transformer block in backward instead of storing its activations
+        (``torch.utils.checkpoint``, non-reentrant), as open_clip's ``set_grad_checkpointing``.
+
+        Applies to both schedules (packed and per tower) and to frozen towers alike; the
+        gradients are those of the plain forward. Cost: one more forward of every block per
+        backward. Stems, parallel-branch adapters (BatchNorm), pooling and projections keep
+        their activations.
+        """
+        self.grad_checkpointing = bool(enable)
 
     def train(self, mode: bool = True):
         super().train(mode)
