@@ -1,27 +1,35 @@
 """Training engines: DeepSpeed (ZeRO 0-3, bf16) when launched with a ds config, plain PyTorch otherwise.
 
-Both expose the same small interface to the loop in :mod:`msclip_fast.training.main`:
-``forward_loss(batch) -> (loss, scale)``, ``backward(loss)``, ``step() -> grad_norm``,
+Both expose the same small interface to the step functions of :mod:`msclip_fast.training.step`:
+``forward(batch) -> (image_features, text_features, scale)`` (autograd follows the caller's
+grad mode), ``loss(image_features, text_features, scale)``, ``backward(t, mean_over_accum)``
+once per micro-batch, ``step() -> grad_norm`` once per ``accum_steps`` backward passes,
 ``lrs()``, ``save_state(dir)`` / ``load_state(dir)``, ``consolidated_state_dict()`` and the
-collectives ``any_rank(flag)``, ``all_mean(x)``, ``barrier()``.
+collectives ``any_rank(flag)``, ``all_mean(x)``, ``barrier()``. Both read a frozen
+:class:`~.config.TrainConfig`.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
 import logging
 import math
 import os
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from ..losses import ClipLoss
+from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
+
+
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """At least float32 (float64 stays float64: the tests' exact comparisons)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def dist_ready() -> bool:
@@ -40,15 +48,17 @@ def _fp32_cpu(state: dict) -> dict:
 class _EngineBase:
     """Shared pieces: loss, batch transfer, collectives."""
 
-    def __init__(self, model: nn.Module, optimizer, scheduler, args, rank: int, world_size: int, device):
+    def __init__(self, model: nn.Module, optimizer, scheduler, cfg: TrainConfig, rank: int, world_size: int, device):
         self.model = model  # the bare MSCLIP module (not a wrapper)
         self.optimizer = optimizer
         self.scheduler = scheduler
-        self.args = args
+        self.cfg = cfg
         self.rank = rank
         self.world_size = world_size
         self.device = device
-        self.loss_fn = ClipLoss(local_loss=args.local_loss, gather_with_grad=True, rank=rank, world_size=world_size)
+        # gather_with_grad: the loss over all ranks' pairs back-propagates into every rank's
+        # features (losses.distributed), which exact accumulation's feature gradients rely on
+        self.loss_fn = ClipLoss(local_loss=cfg.local_loss, gather_with_grad=True, rank=rank, world_size=world_size)
         self.group_names = [g.get("name", str(i)) for i, g in enumerate(optimizer.param_groups)]
 
     # --- collectives (no-ops on one process) ---
@@ -62,7 +72,7 @@ class _EngineBase:
 
     def all_mean(self, x: torch.Tensor) -> float:
         """Mean of a scalar over ranks (every rank must call it)."""
-        t = x.detach().float().reshape(1).clone().to(self.device)
+        t = x.detach().double().reshape(1).clone().to(self.device)
         if dist_ready() and self.world_size > 1:
             dist.all_reduce(t)
             t /= self.world_size
@@ -90,6 +100,16 @@ class _EngineBase:
             images = images.to(dtype)
         return images, tokens, batch.get("text_lengths")
 
+    def loss(self, image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The contrastive loss (0-d float32) of this rank's ``(N_r, E)`` features against all
+        ranks' (:class:`~msclip_fast.losses.ClipLoss`, gathered with gradient); collective."""
+        return self.loss_fn(_acc(image_features), _acc(text_features), _acc(scale))
+
+    def forward_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss, scale)`` of one batch: :meth:`forward` then :meth:`loss` (validation)."""
+        img, txt, scale = self.forward(batch)
+        return self.loss(img, txt, scale), scale.detach().float()
+
 
 class TorchEngine(_EngineBase):
     """One process, plain PyTorch: AdamW, grad accumulation, clipping, optional bf16/fp16 autocast."""
@@ -97,36 +117,33 @@ class TorchEngine(_EngineBase):
     kind = "torch"
     zero_stage = None
 
-    def __init__(self, model, optimizer, scheduler, args, device):
-        super().__init__(model, optimizer, scheduler, args, rank=0, world_size=1, device=device)
-        self.grad_clip = 1.0 if args.grad_clip is None else args.grad_clip
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
-        self.scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
-        self.micro = 0
+    def __init__(self, model, optimizer, scheduler, cfg: TrainConfig, device):
+        super().__init__(model, optimizer, scheduler, cfg, rank=0, world_size=1, device=device)
+        self.autocast_dtype = cfg.autocast_dtype
+        self.scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
         optimizer.zero_grad(set_to_none=True)
 
-    def forward_loss(self, batch: dict):
+    def forward(self, batch: dict):
         images, tokens, lengths = self._inputs(batch)
         ctx = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                else contextlib.nullcontext())
         with ctx:
-            img, txt, scale = self.model(images, tokens, text_lengths=lengths)
-        loss = self.loss_fn(img.float(), txt.float(), scale.float())
-        return loss, scale.detach()
+            return self.model(images, tokens, text_lengths=lengths)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss = loss / self.args.accum_steps  # gradient of the mean over micro-batches
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
-        self.micro += 1
+    def backward(self, t: torch.Tensor, mean_over_accum: bool = True) -> None:
+        """Accumulate the gradient of ``t`` (divided by ``accum_steps`` when ``mean_over_accum``:
+        the gradient of the mean of independent micro-batch losses)."""
+        if mean_over_accum:
+            t = t / self.cfg.accum_steps
+        (self.scaler.scale(t) if self.scaler else t).backward()
 
-    def step(self) -> float | None:
-        """Optimizer + scheduler step once ``accum_steps`` micro-batches were accumulated."""
-        if self.micro % self.args.accum_steps:
-            return None
+    def step(self) -> float:
+        """Clip, optimizer + scheduler step, zero the gradients; returns the global grad norm
+        before clipping."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         if self.scaler:
             self.scaler.step(self.optimizer)
@@ -159,123 +176,52 @@ class TorchEngine(_EngineBase):
             self.scaler.load_state_dict(state["scaler"])
 
 
-def resolve_ds_config(path: str | None, args, world_size: int, device_type: str) -> dict:
-    """Load a DeepSpeed JSON config and fill it from the flags.
-
-    Batch sizes ("auto" or numbers) always follow ``--batch-size`` (per rank) and
-    ``--accum-steps`` (a differing number is overridden with a warning);
-    ``gradient_clipping`` follows ``--grad-clip`` when given, else the config's explicit value,
-    else 1.0 (DeepSpeed's own silent default, made visible). ``--precision`` (when given)
-    rewrites the bf16/fp16 sections; otherwise it is read from them into ``args.precision``
-    (neither enabled: bf16 on a GPU, fp32 on the CPU).
-
-    Raises:
-        ValueError: unreadable config, an ``optimizer``/``scheduler`` section (train.py builds
-            AdamW groups and the schedule itself), or fp16 on a CPU.
-    """
-    cfg = {}
-    if path:
-        try:
-            cfg = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"--ds_config {path!r} cannot be read as JSON: {e}") from e
-    cfg = copy.deepcopy(cfg)
-    for section in ("optimizer", "scheduler"):
-        if section in cfg:
-            raise ValueError(f"--ds_config {path!r} has a {section!r} section; remove it (train.py builds "
-                             "the AdamW parameter groups and the warmup+cosine schedule itself)")
-    for key, value in (("train_micro_batch_size_per_gpu", args.batch_size),
-                       ("gradient_accumulation_steps", args.accum_steps),
-                       ("train_batch_size", args.batch_size * args.accum_steps * world_size)):
-        old = cfg.get(key, "auto")
-        if old != "auto" and old != value:
-            logger.warning("ds config %s=%r overridden by the command line: %r", key, old, value)
-        cfg[key] = value
-    clip = cfg.get("gradient_clipping", "auto")
-    if args.grad_clip is not None:
-        clip = args.grad_clip
-    elif clip == "auto":
-        clip = 1.0
-    cfg["gradient_clipping"] = float(clip)
-    args.grad_clip = float(clip)
-    if args.precision is None:
-        # a config that enables neither trains in bf16 with fp32 master weights on a GPU (fp32
-        # GEMMs there forgo the tensor cores) and in fp32 on the CPU
-        args.precision = ("bf16" if cfg.get("bf16", {}).get("enabled") else
-                          "fp16" if cfg.get("fp16", {}).get("enabled") else
-                          "bf16" if device_type == "cuda" else "fp32")
-    for name in ("bf16", "fp16"):
-        section = dict(cfg.get(name, {}))
-        section["enabled"] = args.precision == name
-        cfg[name] = section
-    if args.precision in ("bf16", "fp16"):
-        # DeepSpeed >= 0.18 casts parameters but keeps float buffers in fp32 unless told;
-        # BatchNorm (MS-CLIP-S stem / branch) then fails on the CPU with bf16 weights and fp32
-        # running stats ("expected scalar type BFloat16 but found Float"). Match the buffers.
-        cfg.setdefault("data_types", {}).setdefault("buffer_dtype", args.precision)
-    if args.precision == "fp16" and device_type == "cpu":
-        raise ValueError("--precision fp16 needs a CUDA device (DeepSpeed refuses fp16 on the CPU); use bf16")
-    cfg["zero_allow_untested_optimizer"] = True  # our torch AdamW under ZeRO
-    cfg.setdefault("steps_per_print", 10**9)  # we log ourselves
-    cfg.setdefault("wall_clock_breakdown", False)
-    return cfg
-
-
-def promote_scalar_params(model: nn.Module) -> list[str]:
-    """Replace every 0-d parameter (``logit_scale``) by a ``(1,)`` one, in place.
-
-    Why: DeepSpeed's ``_broadcast_model`` does ``p.data.view(torch.uint8)``, which raises for 0-d
-    tensors ("self.dim() cannot be 0 to view Float as Byte"). The model's math is unchanged
-    (``exp(logit_scale)`` broadcasts); :class:`DeepSpeedEngine` reshapes these entries back to
-    0-d in the consolidated ``model.pt``. Call before building the optimizer.
-    Returns the state_dict names of the promoted parameters.
-    """
-    new: dict[int, nn.Parameter] = {}
-    for module in model.modules():
-        for name, p in list(module._parameters.items()):
-            if p is not None and p.dim() == 0:
-                if id(p) not in new:
-                    new[id(p)] = nn.Parameter(p.data.reshape(1).clone(), requires_grad=p.requires_grad)
-                module._parameters[name] = new[id(p)]
-    promoted = {id(p) for p in new.values()}
-    return [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in promoted]
-
-
 class DeepSpeedEngine(_EngineBase):
     """deepspeed.initialize with our AdamW groups and scheduler; ZeRO stage from the config."""
 
     kind = "deepspeed"
 
-    def __init__(self, model, optimizer, scheduler, args, ds_config: dict, rank, world_size, device,
-                 scalar_names=()):
+    def __init__(self, model, optimizer, scheduler, cfg: TrainConfig, rank, world_size, device, scalar_names=()):
         import deepspeed
 
+        if cfg.ds_config is None:
+            raise ValueError("DeepSpeedEngine needs a TrainConfig with a resolved ds_config")
         self.scalar_names = list(scalar_names)  # from promote_scalar_params: 0-d again in model.pt
         model.to(device)
+        ds_config = _plain_dict(cfg.ds_config)  # deepspeed.initialize wants (and may edit) a dict
         self.ds, ds_opt, _, ds_sched = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
         )
-        super().__init__(model, optimizer, scheduler, args, rank, world_size, self.ds.device)
+        super().__init__(model, optimizer, scheduler, cfg, rank, world_size, self.ds.device)
         self.ds_optimizer = ds_opt
         self.zero_stage = int(self.ds.zero_optimization_stage())
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+        self.dtype = cfg.autocast_dtype
 
-    def forward_loss(self, batch: dict):
+    def forward(self, batch: dict):
         images, tokens, lengths = self._inputs(batch, dtype=self.dtype)  # DeepSpeed casts the module itself
         # DeepSpeed's forward hands keyword arguments to the module unchanged (its fp16 input
         # cast touches floating tensors only), so the CPU lengths reach the model as they are
-        img, txt, scale = self.ds(images, tokens, text_lengths=lengths)
-        loss = self.loss_fn(img, txt, scale)
-        return loss, scale.detach().float()
+        return self.ds(images, tokens, text_lengths=lengths)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.ds.backward(loss)  # scales by 1/accum and all-reduces (averages) over ranks
+    def backward(self, t: torch.Tensor, mean_over_accum: bool = True) -> None:
+        """``engine.backward`` (loss scaling, ZeRO gradient partitioning and, at the
+        accumulation boundary, the average over ranks), then DeepSpeed's own ``step()`` for
+        every micro-batch but the last, which only advances its micro-step counter: so
+        DeepSpeed's boundary is exactly our ``accum_steps``-th backward."""
+        self.ds.backward(t, scale_wrt_gas=mean_over_accum)
+        if not self.ds.is_gradient_accumulation_boundary():
+            self.ds.step()
 
     def step(self) -> float | None:
-        boundary = self.ds.is_gradient_accumulation_boundary()
-        self.ds.step()  # optimizer + our scheduler at accumulation boundaries only
-        if not boundary:
-            return None
+        """Optimizer + scheduler step at the accumulation boundary; returns the global grad norm.
+
+        Raises:
+            RuntimeError: called before ``accum_steps`` backward passes (a loop bug).
+        """
+        if not self.ds.is_gradient_accumulation_boundary():
+            raise RuntimeError("DeepSpeedEngine.step() called before the accumulation boundary "
+                               f"(micro step {self.ds.micro_steps}, accum_steps {self.cfg.accum_steps})")
+        self.ds.step()
         norm = self.ds.get_global_grad_norm()
         return None if norm is None else float(norm)
 
@@ -331,12 +277,20 @@ class DeepSpeedEngine(_EngineBase):
             raise ValueError(f"DeepSpeed could not load a checkpoint from {ckpt_dir / 'deepspeed'}")
 
 
+def _plain_dict(x):
+    if isinstance(x, (dict, MappingProxyType)):
+        return {k: _plain_dict(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain_dict(v) for v in x]
+    return x
+
+
 def pick_device(local_rank: int) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", max(local_rank, 0))
     return torch.device("cpu")
 
 
-def use_deepspeed(args) -> bool:
+def use_deepspeed(ds_config_path: str | None) -> bool:
     """DeepSpeed when a ds config is given or when started by a launcher with several ranks."""
-    return bool(args.ds_config) or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return bool(ds_config_path) or int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -51,7 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--beta2", type=float, default=0.98)
     g.add_argument("--eps", type=float, default=1e-6)
     g.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
-    g.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation micro-batches per step")
+    g.add_argument("--accum-steps", type=int, default=1,
+                   help="micro-batches of --batch-size per optimizer step (per rank)")
+    g.add_argument("--accum-mode", choices=("exact", "independent"), default="exact",
+                   help="exact: one contrastive loss over all accum-steps x batch-size x ranks pairs, by "
+                   "feature caching (GradCache; one extra no-grad forward per sample, activation memory of "
+                   "one micro-batch); independent: the mean of accum-steps separate losses, each over one "
+                   "micro-batch's batch-size x ranks pairs (fewer negatives; no extra forward)")
+    g.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute every transformer block in backward (activation checkpointing): less "
+                   "activation memory, about one more forward of the blocks per step")
     g.add_argument("--grad-clip", type=float, default=None,
                    help="max global grad norm (0: off). Default: the ds config's gradient_clipping, "
                    "else 1.0")

@@ -1,5 +1,4 @@
 """Atomic checkpoint protocol: a crash mid-write never moves ``latest``."""
-import argparse
 import json
 
 import pytest
@@ -7,17 +6,17 @@ import torch
 
 import msclip_fast as mf
 from msclip_fast.training.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from msclip_fast.training.config import TrainConfig
 from msclip_fast.training.engine import TorchEngine
 from msclip_fast.training.optim import create_optimizer
 from msclip_fast.training.schedule import create_scheduler
 
 
 def _engine():
-    args = argparse.Namespace(lr=1e-3, wd=0.1, lr_share=1e-3, wd_share=0.1, beta1=0.9, beta2=0.98, eps=1e-6,
-                              grad_clip=None, precision="fp32", accum_steps=1, local_loss=False)
+    cfg = TrainConfig(lr=1e-3, wd=0.1, lr_share=1e-3, wd_share=0.1)
     model = mf.create_model("clip-tiny")
-    opt = create_optimizer(model, args)
-    return TorchEngine(model, opt, create_scheduler(opt, 1, 10), args, torch.device("cpu"))
+    opt = create_optimizer(model, cfg)
+    return TorchEngine(model, opt, create_scheduler(opt, 1, 10), cfg, torch.device("cpu"))
 
 
 def test_crash_mid_write_keeps_latest(tmp_path, monkeypatch):

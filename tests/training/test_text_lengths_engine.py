@@ -1,5 +1,4 @@
 """The engines hand the loader's CPU ``text_lengths`` to the model's forward, never moved."""
-import argparse
 import json
 import os
 import subprocess
@@ -13,6 +12,7 @@ import torch
 import msclip_fast as mf
 from msclip_fast.data import build_loader
 from msclip_fast.modules import text_lengths
+from msclip_fast.training.config import TrainConfig
 from msclip_fast.training.engine import TorchEngine
 from msclip_fast.training.optim import create_optimizer
 from msclip_fast.training.schedule import create_scheduler
@@ -34,16 +34,10 @@ def _record_forward(monkeypatch, model_cls):
     return calls
 
 
-def _args(**kw):
-    base = dict(lr=1e-3, wd=0.1, lr_share=1e-3, wd_share=0.1, beta1=0.9, beta2=0.98, eps=1e-6,
-                grad_clip=None, precision="fp32", accum_steps=1, local_loss=False)
-    return argparse.Namespace(**{**base, **kw})
-
-
 def _engine(model, **kw):
-    args = _args(**kw)
-    opt = create_optimizer(model, args)
-    return TorchEngine(model, opt, create_scheduler(opt, 1, 10), args, torch.device("cpu"))
+    cfg = TrainConfig(**{"lr": 1e-3, "wd": 0.1, "lr_share": 1e-3, "wd_share": 0.1, **kw})
+    opt = create_optimizer(model, cfg)
+    return TorchEngine(model, opt, create_scheduler(opt, 1, 10), cfg, torch.device("cpu"))
 
 
 def _batch(digits_shards, model):

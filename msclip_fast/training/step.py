@@ -1,0 +1,196 @@
+"""One optimizer step over ``accum_steps`` micro-batches: independent or exact accumulation.
+
+Independent accumulation averages the gradients of K separate losses; each micro-batch's
+contrastive loss sees only its own ``B x world_size`` pairs.
+
+Exact accumulation (feature caching, as in GradCache: Gao, Zhang, Han, Callan, "Scaling Deep
+Contrastive Learning Batch Size under Memory Limited Setup", RepL4NLP 2021) gives the loss and
+the gradients of one contrastive batch of all ``K x B x world_size`` pairs, with the activation
+memory of one micro-batch:
+
+1. forward every micro-batch without autograd; keep only its features (and the scale);
+2. the loss over all of them (gathered across ranks, fused O(N) memory) and its gradient with
+   respect to every cached feature and the scale;
+3. forward each micro-batch again with autograd and back-propagate its cached feature
+   gradients (a surrogate ``<f, dL/df>`` per micro-batch); gradients accumulate; one optimizer
+   step.
+
+Cost: one extra forward per sample. Semantics for BatchNorm models (MS-CLIP-S's conv stem and
+parallel branch): both passes normalize with each micro-batch's own batch statistics, as
+independent accumulation does, and running statistics are updated once per micro-batch (by
+the second pass only). The RNG state of each micro-batch's first pass is replayed in its second
+pass, so any randomness in a forward gives both passes the same features.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/inf; ``step`` is the 1-based optimizer step that produced it."""
+
+    def __init__(self, step: int, value: float, checkpoint: str | None):
+        self.step = step
+        super().__init__(f"non-finite loss {value} at step {step}; stopped without saving "
+                         f"(last good checkpoint: {checkpoint or 'none'})")
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimizer step reports.
+
+    Fields: loss (float, mean over ranks: the loss over the whole accumulated contrastive batch
+    under exact accumulation, the mean of the micro-batch losses under independent), scale
+    (``exp(logit_scale)`` the step trained with), grad_norm (global norm before clipping, None
+    if the engine cannot tell), lrs (group name -> learning rate of this step).
+    """
+
+    loss: float
+    scale: float
+    grad_norm: float | None
+    lrs: dict
+
+
+@contextlib.contextmanager
+def frozen_batchnorm_stats(model: nn.Module) -> Iterator[None]:
+    """BatchNorm layers in training mode normalize with batch statistics but leave their
+    running statistics (and ``num_batches_tracked``) untouched inside the block."""
+    changed = [m for m in model.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    for m in changed:
+        m.track_running_stats = False  # training mode then uses batch stats without updating them
+    try:
+        yield
+    finally:
+        for m in changed:
+            m.track_running_stats = True
+
+
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """At least float32: the loss and its feature gradients accumulate in fp32 (fp64 stays)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _rng_state(device: torch.device) -> tuple:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
+
+def _checked(engine, loss: torch.Tensor, step: int, last_checkpoint: str | None) -> float:
+    value = engine.all_mean(loss)  # every rank sees the same value -> the same decision
+    if not math.isfinite(value):
+        raise NonFiniteLossError(step, value, last_checkpoint)
+    return value
+
+
+def independent_step(engine, micro: Sequence[dict], step: int, last_checkpoint: str | None = None) -> StepResult:
+    """Forward, loss and backward per micro-batch (gradient of the mean of the K losses), then
+    one optimizer step. ``step`` is the 1-based number of the step being taken.
+
+    Raises:
+        NonFiniteLossError: a micro-batch's loss is NaN/inf (before its backward; no update).
+    """
+    losses, scale = [], None
+    for b in micro:
+        img, txt, scale = engine.forward(b)
+        loss = engine.loss(img, txt, scale)
+        losses.append(_checked(engine, loss, step, last_checkpoint))
+        engine.backward(loss, mean_over_accum=True)
+    lrs = engine.lrs()  # the rates this step trains with (step() advances the schedule)
+    grad_norm = engine.step()
+    return StepResult(sum(losses) / len(losses), float(scale.detach().float().reshape(-1)[0]), grad_norm, lrs)
+
+
+def cached_feature_gradients(engine, features: Sequence[tuple[torch.Tensor, torch.Tensor]], scale: torch.Tensor):
+    """Loss over the concatenated micro-batch features and its gradients (step 2 of exact
+    accumulation).
+
+    Args:
+        features: per micro-batch ``(image (B_k, E), text (B_k, E))`` features without autograd.
+        scale: ``exp(logit_scale)`` of the first pass (0-d or ``(1,)``).
+    Returns:
+        ``(loss, [(d_image_k, d_text_k)], d_scale)``: the 0-d loss (no graph), the float32
+        (float64 for float64 features) gradients split like ``features``, and the gradient for ``scale`` (its shape).
+    Raises:
+        ValueError: the loss does not depend differentiably on both features and the scale
+            (exact accumulation needs that gradient path).
+    """
+    img = _acc(torch.cat([f[0] for f in features])).requires_grad_(True)
+    txt = _acc(torch.cat([f[1] for f in features])).requires_grad_(True)
+    s = _acc(scale.detach()).requires_grad_(True)
+    with torch.enable_grad():
+        loss = engine.loss(img, txt, s)
+        if not loss.requires_grad:
+            raise ValueError(f"--accum-mode exact needs a loss differentiable in the features; "
+                             f"{type(engine.loss_fn).__name__} returned a loss without a graph")
+        grads = torch.autograd.grad(loss, [img, txt, s], allow_unused=True)
+    missing = [n for n, g in zip(("image features", "text features", "logit scale"), grads) if g is None]
+    if missing:
+        raise ValueError(f"--accum-mode exact needs the loss's gradient with respect to the features; "
+                         f"{type(engine.loss_fn).__name__} gives none for the {', '.join(missing)} "
+                         "(use --accum-mode independent for such a loss)")
+    d_img, d_txt, d_s = grads
+    sizes = [f[0].shape[0] for f in features]
+    tsizes = [f[1].shape[0] for f in features]
+    return loss.detach(), list(zip(d_img.split(sizes), d_txt.split(tsizes))), d_s
+
+
+def exact_step(engine, micro: Sequence[dict], step: int, last_checkpoint: str | None = None) -> StepResult:
+    """Exact accumulation (module docstring): the loss and gradients of one contrastive batch
+    of all micro-batches on all ranks, then one optimizer step.
+
+    Raises:
+        NonFiniteLossError: the accumulated loss is NaN/inf (before any backward; no update).
+        ValueError: the engine's loss has no gradient path to the features.
+    """
+    model = engine.model
+    device = engine.device
+    rng, features, scale = [], [], None
+    with torch.no_grad(), frozen_batchnorm_stats(model):
+        for b in micro:
+            rng.append(_rng_state(device))
+            img, txt, scale = engine.forward(b)
+            features.append((_acc(img), _acc(txt)))
+    loss, grads, d_scale = cached_feature_gradients(engine, features, scale)
+    value = _checked(engine, loss, step, last_checkpoint)
+    after = _rng_state(device)
+    k = len(micro)
+    for b, state, (g_img, g_txt) in zip(micro, rng, grads):
+        _set_rng_state(state, device)
+        img, txt, s = engine.forward(b)
+        # <f, dL/df> has the gradient dL/df at f: backward of it is the chain rule's second half.
+        # The scale's term is split over the micro-batches so that every backward reaches the
+        # same parameters (DeepSpeed ZeRO expects that), summing to dL/ds once.
+        surrogate = ((_acc(img) * g_img).sum() + (_acc(txt) * g_txt).sum() + (_acc(s) * d_scale).sum() / k)
+        engine.backward(surrogate, mean_over_accum=False)
+    _set_rng_state(after, device)
+    lrs = engine.lrs()
+    grad_norm = engine.step()
+    return StepResult(value, float(scale.float().reshape(-1)[0]), grad_norm, lrs)
+
+
+def train_step(engine, micro: Sequence[dict], mode: str, step: int, last_checkpoint: str | None = None) -> StepResult:
+    """One optimizer step in accumulation ``mode`` ("exact" | "independent"). With one
+    micro-batch both modes are the same computation; it runs once (no cached pass).
+
+    Raises:
+        ValueError: unknown ``mode``. See :func:`exact_step` / :func:`independent_step`.
+    """
+    if mode not in ("exact", "independent"):
+        raise ValueError(f"--accum-mode must be 'exact' or 'independent', got {mode!r}")
+    if mode == "exact" and len(micro) > 1:
+        return exact_step(engine, micro, step, last_checkpoint)
+    return independent_step(engine, micro, step, last_checkpoint)
