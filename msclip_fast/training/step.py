@@ -15,11 +15,15 @@ memory of one micro-batch:
    gradients (a surrogate ``<f, dL/df>`` per micro-batch); gradients accumulate; one optimizer
    step.
 
-Cost: one extra forward per sample. Semantics for BatchNorm models (MS-CLIP-S's conv stem and
-parallel branch): both passes normalize with each micro-batch's own batch statistics, as
-independent accumulation does, and running statistics are updated once per micro-batch (by
-the second pass only). The RNG state of each micro-batch's first pass is replayed in its second
-pass, so any randomness in a forward gives both passes the same features.
+The first micro-batch runs with autograd already in step 1 and keeps its graph until step 3,
+so it is never recomputed. Cost: one extra forward for K - 1 of the K micro-batches; memory:
+one micro-batch's activations, plus the transient working set of one no-grad forward.
+Semantics for BatchNorm models (MS-CLIP-S's conv stem and parallel branch): every micro-batch
+is normalized with its own batch statistics in both passes, as in independent accumulation,
+and running statistics are updated once per micro-batch, in micro-batch order (the cached
+passes leave them alone), so they end where independent accumulation leaves them. The RNG
+state of each cached pass is replayed in its recomputation, so any randomness in a forward
+gives both passes the same features.
 """
 from __future__ import annotations
 
@@ -158,28 +162,38 @@ def exact_step(engine, micro: Sequence[dict], step: int, last_checkpoint: str | 
     """
     model = engine.model
     device = engine.device
-    rng, features, scale = [], [], None
+    k = len(micro)
+    # micro-batch 0 runs with autograd right away and keeps its graph through the cached
+    # passes of the others: its backward needs no second forward (K - 1 recomputations, not K)
+    live = engine.forward(micro[0])
+    scale = live[2]
+    features = [(_acc(live[0]).detach(), _acc(live[1]).detach())]
+    rng = [None]
     with torch.no_grad(), frozen_batchnorm_stats(model):
-        for b in micro:
+        for b in micro[1:]:
             rng.append(_rng_state(device))
-            img, txt, scale = engine.forward(b)
+            img, txt, _ = engine.forward(b)
             features.append((_acc(img), _acc(txt)))
     loss, grads, d_scale = cached_feature_gradients(engine, features, scale)
     value = _checked(engine, loss, step, last_checkpoint)
     after = _rng_state(device)
-    k = len(micro)
-    for b, state, (g_img, g_txt) in zip(micro, rng, grads):
-        _set_rng_state(state, device)
-        img, txt, s = engine.forward(b)
+    for i, (b, state, (g_img, g_txt)) in enumerate(zip(micro, rng, grads)):
+        if i == 0:
+            img, txt, s = live
+            live = None  # the graph is freed by this backward
+        else:
+            _set_rng_state(state, device)
+            img, txt, s = engine.forward(b)
         # <f, dL/df> has the gradient dL/df at f: backward of it is the chain rule's second half.
         # The scale's term is split over the micro-batches so that every backward reaches the
         # same parameters (DeepSpeed ZeRO expects that), summing to dL/ds once.
         surrogate = ((_acc(img) * g_img).sum() + (_acc(txt) * g_txt).sum() + (_acc(s) * d_scale).sum() / k)
         engine.backward(surrogate, mean_over_accum=False)
+        del img, txt, s, surrogate
     _set_rng_state(after, device)
     lrs = engine.lrs()
     grad_norm = engine.step()
-    return StepResult(value, float(scale.float().reshape(-1)[0]), grad_norm, lrs)
+    return StepResult(value, float(scale.detach().float().reshape(-1)[0]), grad_norm, lrs)
 
 
 def train_step(engine, micro: Sequence[dict], mode: str, step: int, last_checkpoint: str | None = None) -> StepResult:
