@@ -1,14 +1,16 @@
 """Summary of one ``bench/gpu_check.sh`` run: ``OUT/summary.json`` and a readable ``OUT/summary.md``.
 
 Reads what the steps left in OUT: ``status.txt`` (one ``NAME rc=R Ss limit=Ls`` line per step),
-``budget.txt``, ``pytest_gpu.json`` (bench/gpu_pytest.py), ``bench_ops.json`` and
-``bench_loss.json`` (their ``headline`` ratios, schema in bench/report.py), ``info.json``.
+``budget.txt``, ``pytest_gpu.json`` (bench/gpu_pytest.py), ``bench_ops.json``, ``bench_loss.json``
+and ``bench_accum.json`` (their ``headline`` numbers, schema in bench/report.py), ``info.json``.
 summary.json::
 
     {"dry_run": bool, "device": str, "date": ISO-8601 UTC, "commit": str, "total_s": int,
      "ok": bool, "steps": [{"step", "rc", "seconds", "limit_s", "note"}],
      "tests": {"passed", "failed", "skipped", "compiles" | "compiles_predicted", "budget_compiles"},
-     "headline": {"ops.<key>": ratio, "loss.<key>": ratio}, "problems": [str]}
+     "headline": {"ops.<key>": ratio, "loss.<key>": ratio, "accum.<key>": number},
+     "accum": {"budget_mib", "largest": {config: {"n", "capped", "stopped"}}} (when bench_accum ran),
+     "problems": [str]}
 
 Exit status 1 when any step failed, or (dry run) when the predicted compile count exceeds
 bench/gpu_budget.json, whose number the GPU run budgets its pytest step from.
@@ -54,7 +56,7 @@ def summarize(out: Path, dry_run: bool, total_s: int | None) -> dict:
     info = _load(out / "info.json")
     problems = [f"step {s['step']} failed (rc={s['rc']}{', time limit' if s['rc'] in (124, 137) else ''}): "
                 f"see {s['step']}.log" for s in steps if s["rc"] != 0]
-    expected = {"env", "build", "pytest_gpu", "bench_ops", "bench_loss"}
+    expected = {"env", "build", "pytest_gpu", "bench_ops", "bench_loss", "bench_accum"}
     missing = expected - {s["step"] for s in steps}
     problems += [f"step {m} did not run" for m in sorted(missing)]
     tests = {k: py.get(k) for k in ("passed", "failed", "skipped", "compiles", "compiles_predicted") if k in py}
@@ -65,7 +67,7 @@ def summarize(out: Path, dry_run: bool, total_s: int | None) -> dict:
     if py.get("fatal_import_errors"):
         problems += [f"gpu test module not importable: {k}: {v}" for k, v in py["fatal_import_errors"].items()]
     headline = {}
-    for name in ("ops", "loss"):
+    for name in ("ops", "loss", "accum"):
         for k, v in (_load(out / f"bench_{name}.json").get("headline") or {}).items():
             headline[f"{name}.{k}"] = v
     try:
@@ -87,8 +89,18 @@ def summarize(out: Path, dry_run: bool, total_s: int | None) -> dict:
         "steps": steps,
         "tests": tests,
         "headline": headline,
+        "accum": accum_summary(_load(out / "bench_accum.json")),
         "problems": problems,
     }
+
+
+def accum_summary(doc: dict) -> dict | None:
+    """bench_accum's budget and largest batch per configuration (None when it did not write its JSON)."""
+    if not doc.get("largest"):
+        return None
+    return {"budget_mib": (doc.get("settings") or {}).get("budget_mib"),
+            "largest": {x["config"]: {"n": x.get("largest_n"), "capped": x.get("capped"), "stopped": x.get("stopped")}
+                        for x in doc["largest"]}}
 
 
 def to_markdown(s: dict) -> str:
@@ -109,6 +121,12 @@ def to_markdown(s: dict) -> str:
                   for k, v in sorted(s["headline"].items())]
     else:
         lines.append("no headline ratios (dry run, or the benchmarks did not finish)")
+    a = s.get("accum")
+    if a:
+        budget = f"{a['budget_mib']:.0f} MiB" if isinstance(a.get("budget_mib"), (int, float)) else "?"
+        lines += ["", f"bench_accum, largest contrastive batch in {budget}: " + "; ".join(
+            f"{c} {'>= ' if x.get('capped') else ''}{x.get('n') if x.get('n') is not None else 'none'}"
+            + f" ({x.get('stopped')})" for c, x in a["largest"].items())]
     if s["problems"]:
         lines += ["", "## Problems", *[f"- {p}" for p in s["problems"]]]
     return "\n".join(lines) + "\n"

@@ -23,6 +23,7 @@ To re-measure and regenerate (CPU, a few minutes each on 2 cores)::
     python bench/bench_train_step.py --json bench/results/train_step-cpu.json
     python bench/bench_packed.py --repeats 5 --json bench/results/packed-cpu.json
     python bench/bench_trim.py --json bench/results/trim-cpu.json
+    python bench/bench_accum.py --json bench/results/accum-cpu.json
     python -m bench.report --write bench/RESULTS.md --charts bench/charts
 
 JSON schema (version 1)
@@ -30,7 +31,7 @@ JSON schema (version 1)
 Every bench script's ``--json`` writes one object::
 
     schema      1
-    benchmark   "loss" | "ops" | "train_step" | "packed" | "trim"
+    benchmark   "loss" | "ops" | "train_step" | "packed" | "trim" | "accum"
     meta        where/when/how (bench/_common.py run_meta):
                   machine   {cpu, cores (usable), logical_cpus, torch_threads, gpu (name | null),
                              gpu_count, cuda, python, platform, load_avg and load_avg_end
@@ -88,6 +89,22 @@ trimmed_bwd_ms, trimmed_opt_ms, padded_fwd_ms, padded_bwd_ms, padded_opt_ms, tex
 text_padded_ms, text_time_ratio, image_ms, cpu_share, loss_diff, note}. Headline
 ``trim_flop_ratio_<preset>``, ``trim_step_speedup_<preset>``.
 
+``accum`` (bench_accum.py): settings {preset, device, precision, backend, micro_batch, start_batch,
+max_batch, bisect_steps, jobs, budget_mib, budget_source, calibrate_batch, time_batch, repeats, warmup, flops, configs,
+variants, time_limit_s, smoke, text, text_lengths, memory, server_start_s, expectation, total_s};
+rows = the memory trials {config ("plain" | "plain_ckpt" | "exact" | "exact_ckpt"), n, micro_batch,
+accum_steps, fits, peak_mib, step_mib (= peak - before), before_mib, maxrss_mib (CPU: lifetime),
+reserved_mib (CUDA), step_s, trial_s, loss, peak_source, error, out_of_memory, [calibration]};
+largest [{config, micro_batch, largest_n, accum_steps_at_largest, peak_mib_at_largest,
+step_mib_at_largest, capped (still fitting at --max-batch or the time limit), stopped,
+trials, extrapolated_n, mib_per_sample, vs_plain}]; timing [{variant ("independent" | "exact" |
+"exact_ckpt" | "plain" | "plain_ckpt"), mode, n, accum_steps, micro_batch, ckpt, median_ms,
+iqr_ms, repeats, times_ms (one per round), gflop, cpu_share}]; ratios {exact_vs_independent |
+plain_ckpt_vs_plain | exact_ckpt_vs_exact | exact_vs_plain: {num, den, time_ratio (of the medians),
+round_ratio_median, round_ratio_min, round_ratio_max (the two variants' steps of one round),
+flop_ratio}}. Headline
+``accum_largest_<config>``, ``accum_batch_<config>_vs_plain``, ``accum_time_<ratio>``.
+
 Numbers are null where not measured (JSON has no NaN).
 """
 from __future__ import annotations
@@ -106,9 +123,10 @@ ROOT = _common.ROOT
 SCHEMA = _common.SCHEMA
 NAME = "bench_report"
 BEGIN, END = _common.markers(NAME)
-ORDER = ("loss", "ops", "train_step", "packed", "trim")
+ORDER = ("loss", "ops", "train_step", "packed", "trim", "accum")
 TITLES = {"loss": "Contrastive loss", "ops": "Ops vs PyTorch", "train_step": "Train step throughput",
-          "packed": "Packed vs per-tower", "trim": "Text trimmed at EOT vs padded"}
+          "packed": "Packed vs per-tower", "trim": "Text trimmed at EOT vs padded",
+          "accum": "Exact accumulation and activation checkpointing"}
 _ROW_KEYS = {
     "loss": ("impl", "n", "status"),
     "ops": ("op", "case", "impl", "mode", "ms"),
@@ -116,6 +134,7 @@ _ROW_KEYS = {
     "packed": ("preset", "batch", "packed_ms", "per_tower_ms", "ratio"),
     "trim": ("preset", "batch", "gflop_trimmed", "gflop_padded", "flop_ratio", "trimmed_ms", "padded_ms",
              "time_ratio"),
+    "accum": ("config", "n", "fits", "peak_mib"),
 }
 _META_KEYS = ("machine", "command", "date_utc", "commit", "device")
 
@@ -454,15 +473,102 @@ def _trim_body(doc: dict) -> list[str]:
     return lines
 
 
+_CONFIG_TEXT = {"plain": "plain (K=1, B=N)", "plain_ckpt": "plain + checkpointing", "exact": "exact accumulation",
+                "exact_ckpt": "exact + checkpointing"}
+
+
+def _accum_body(doc: dict) -> list[str]:
+    s = doc.get("settings", {})
+    gpu = doc["meta"]["device"] == "cuda"
+    tl = s.get("text_lengths") or {}
+    mem = ("peak = `torch.cuda.max_memory_allocated` during the step (trials in one process on one model), own = "
+           "peak - allocated before it; a CUDA OOM counts as not fitting" if gpu else
+           "each trial in a process of its own (forked from a server that imported torch once); peak = the "
+           "process's peak RSS during the step (VmHWM reset just before it), own = peak - RSS just before the "
+           "step (the model, AdamW state, the step's inputs are in the RSS before)")
+    lines = [
+        f"One optimizer step of {s.get('preset', '?')} ({s.get('precision', '?')}, backend "
+        f"`{s.get('backend', 'auto')}`) = `TorchEngine` + `train_step(engine, micro_batches, mode)`, AdamW, "
+        f"on random pixels and captions with realistic lengths ({s.get('text', '?')}; `eot + 1` mean "
+        f"{_f(tl.get('mean'), '.1f')}, median {_f(tl.get('median'), '.0f')}). Configurations at contrastive batch N: "
+        "plain = one micro-batch of N; exact = exact accumulation (feature caching, GradCache), K = N / B "
+        f"micro-batches of B = {s.get('micro_batch', '?')}; `_ckpt` = with activation checkpointing. Memory: "
+        f"{mem}. Budget {_f(s.get('budget_mib'), '.0f')} MiB ({s.get('budget_source', '?')}), applied to the peak. "
+        f"Search: N doubles from {s.get('start_batch', '?')} until a step does not fit, --max-batch "
+        f"{s.get('max_batch', '?')} or the time limit ({_f(s.get('time_limit_s'), '.0f')} s for the run), then "
+        + (f"up to {s['bisect_steps']} bisection steps between the last fit and the first miss, on the grid of B; "
+           if s.get("bisect_steps") else "no bisection; ")
+        + "every trial warms up with a 2-sample step first.",
+        "",
+    ]
+    largest = doc.get("largest") or []
+    body = []
+    for x in largest:
+        n = x.get("largest_n")
+        cell = "none" if n is None else (">= " if x.get("capped") else "") + str(n)
+        k = x.get("accum_steps_at_largest")
+        split = "–" if n is None else f"{k} x {n // k if k else n}"
+        ext = (f"~{x['extrapolated_n']} ({x['mib_per_sample']:.2f} MiB/sample)" if x.get("extrapolated_n")
+               else "–")
+        vs = x.get("vs_plain")
+        body.append([_CONFIG_TEXT.get(x["config"], x["config"]), cell, split, _f(x.get("peak_mib_at_largest"), ".0f"),
+                     _f(x.get("step_mib_at_largest"), ".0f"),
+                     "–" if vs is None else (">= " if x.get("capped") else "") + f"{vs:.2f}x",
+                     x.get("stopped") or "–", str(x.get("trials", "–")), ext])
+    if body:
+        lines += _table(["configuration", "largest N that fits", "K x B there", "peak MiB", "step's own MiB",
+                         "vs plain", "search stopped by", "trials", "extrapolated largest N (not measured)"],
+                        body, "---|---:|---:|---:|---:|---:|---|---:|---:|")
+    else:
+        lines.append("No memory search ran.")
+    lines += ["", "Every trial (peak and own memory in MiB, the step's time in s):", ""]
+    body = [[r["config"], str(r["n"]), f"{r.get('accum_steps', '?')} x {r.get('micro_batch', '?')}",
+             "yes" if r["fits"] else "no", _f(r.get("peak_mib"), ".0f"), _f(r.get("step_mib"), ".0f"),
+             _f(r.get("before_mib"), ".0f"), _f(r.get("step_s"), ".2f"),
+             ("calibration (sets the budget)" if r.get("calibration") else "")
+             + (r.get("error") or "").replace("|", "/")]
+            for r in doc["rows"]]
+    lines += _table(["config", "N", "K x B", "fits", "peak", "own", "before", "step s", "note"], body,
+                    "---|---:|---:|---|---:|---:|---:|---:|---|")
+    timing = doc.get("timing") or []
+    if timing:
+        lines += ["", f"Step time at N = {timing[0]['n']}: the variants alternate round by round in one process on "
+                  "one model (same weights, same samples); median (IQR) of "
+                  f"{timing[0].get('repeats', '?')} single steps each"
+                  + ("; GFLOP = forward + backward FLOPs counted by `FlopCounterMode` in one extra step "
+                     "(recomputation included, not the optimizer)" if any(t.get("gflop") for t in timing) else "")
+                  + (f"; CPU share {timing[0]['cpu_share']:.2f} (process CPU time / (wall x threads); well below 1: "
+                     "other processes held the cores)" if timing[0].get("cpu_share") is not None else "") + ".", ""]
+        body = [[t["variant"], t["mode"], f"{t['accum_steps']} x {t['micro_batch']}", "yes" if t.get("ckpt") else "no",
+                 f"{_f(t['median_ms'], '.0f')} ({_f(t.get('iqr_ms'), '.0f')})", _f(t.get("gflop"), ".1f")]
+                for t in timing]
+        lines += _table(["variant", "accumulation", "K x B", "checkpointing", "step ms (IQR)", "GFLOP"], body,
+                        "---|---|---:|---|---:|---:|")
+        ratios = doc.get("ratios") or {}
+        if ratios:
+            lines += [""]
+            body = [[f"{r['num']} / {r['den']}", f"{r['time_ratio']:.2f}x" if r.get("time_ratio") else "–",
+                     f"{r['round_ratio_median']:.2f}x ({r['round_ratio_min']:.2f}-{r['round_ratio_max']:.2f})"
+                     if r.get("round_ratio_median") else "–",
+                     f"{r['flop_ratio']:.2f}x" if r.get("flop_ratio") else "–"] for r in ratios.values()]
+            lines += _table(["ratio", "step time (of the medians)", "same-round ratios: median (min-max)",
+                             "counted FLOPs"], body, "---|---:|---:|---:|")
+    if s.get("expectation"):
+        lines += ["", f"Expectation (not a measurement): {s['expectation']}"]
+    return lines
+
+
 _BODY = {"loss": _loss_body, "ops": _ops_body, "train_step": _train_step_body, "packed": _packed_body,
-         "trim": _trim_body}
+         "trim": _trim_body, "accum": _accum_body}
 
 
 def title(doc: dict) -> str:
     s = doc.get("settings", {})
     dev = "GPU" if doc["meta"]["device"] == "cuda" else "CPU"
     extra = {"loss": s.get("dtype"), "ops": f"{s.get('dtype', '')}{', smoke' if s.get('smoke') else ''}",
-             "train_step": None, "packed": ", ".join(s.get("presets") or []) or None, "trim": None}[doc["benchmark"]]
+             "train_step": None, "packed": ", ".join(s.get("presets") or []) or None, "trim": None,
+             "accum": ", ".join(x for x in (s.get("preset"), s.get("precision"), "smoke" if s.get("smoke") else None)
+                                if x) or None}[doc["benchmark"]]
     return f"{TITLES[doc['benchmark']]} ({dev}{', ' + extra if extra else ''})"
 
 
@@ -656,8 +762,45 @@ def _chart_trim(plt, doc: dict, path: Path) -> bool:
     return True
 
 
+def _chart_accum(plt, doc: dict, path: Path) -> bool:
+    largest = [x for x in doc.get("largest") or [] if x.get("largest_n")]
+    timing = doc.get("timing") or []
+    if not largest and not timing:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.2))
+    ax = axes[0]
+    y = list(range(len(largest)))[::-1]
+    for yy, x in zip(y, largest):
+        ax.barh(yy, x["largest_n"], color="tab:blue", hatch="//" if x.get("capped") else None,
+                edgecolor="white" if x.get("capped") else None)
+        ax.annotate((">= " if x.get("capped") else "") + str(x["largest_n"]), (x["largest_n"], yy), xytext=(4, -3),
+                    textcoords="offset points", fontsize=7)
+    ax.set_yticks(y)
+    ax.set_yticklabels([x["config"] for x in largest], fontsize=8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("largest contrastive batch N in the budget (hatched: capped, still fitting)")
+    s = doc.get("settings", {})
+    ax.set_title(f"{s.get('preset')}, budget {s.get('budget_mib', 0):.0f} MiB", fontsize=9)
+    ax = axes[1]
+    y = list(range(len(timing)))[::-1]
+    for yy, t in zip(y, timing):
+        ax.barh(yy, t["median_ms"], xerr=(t.get("iqr_ms") or 0) / 2, capsize=3, color="tab:orange")
+        ax.annotate(f"{t['median_ms']:.0f} ms", (t["median_ms"], yy), xytext=(4, -3), textcoords="offset points",
+                    fontsize=7)
+    ax.set_yticks(y)
+    ax.set_yticklabels([f"{t['variant']} ({t['accum_steps']}x{t['micro_batch']})" for t in timing], fontsize=8)
+    ax.set_xlabel("step time, median (ms); whiskers +/- IQR/2")
+    if timing:
+        ax.set_xlim(0, 1.25 * max(t["median_ms"] for t in timing))
+        ax.set_title(f"step time at N = {timing[0]['n']}", fontsize=9)
+    fig.suptitle(f"Exact accumulation and checkpointing, {doc['meta']['device']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return True
+
+
 _CHART = {"loss": _chart_loss, "ops": _chart_ops, "train_step": _chart_train_step, "packed": _chart_packed,
-          "trim": _chart_trim}
+          "trim": _chart_trim, "accum": _chart_accum}
 
 
 def draw_chart(doc: dict, path: Path) -> bool:

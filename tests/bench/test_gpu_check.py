@@ -67,14 +67,16 @@ def _out(tmp_path, status, pytest_json, budget_ok=True):
 
 
 STEPS_OK = "\n".join(f"{s} rc=0 {i}s limit=100s" for i, s in
-                     enumerate(("env", "build", "pytest_gpu", "bench_ops", "bench_loss"))) + "\ntotal 10s; failed=0\n"
+                     enumerate(("env", "build", "pytest_gpu", "bench_ops", "bench_loss", "bench_accum"))) + \
+    "\ntotal 10s; failed=0\n"
 
 
 def test_summary_ok_and_markdown(tmp_path):
     out = _out(tmp_path, STEPS_OK, {"passed": 5, "failed": 0, "skipped": 0, "compiles": 42})
     assert gpu_summary.main([str(out), "--total-s", "10"]) == 0
     s = json.loads((out / "summary.json").read_text())
-    assert s["ok"] and [x["step"] for x in s["steps"]] == ["env", "build", "pytest_gpu", "bench_ops", "bench_loss"]
+    assert s["ok"] and [x["step"] for x in s["steps"]] == ["env", "build", "pytest_gpu", "bench_ops", "bench_loss",
+                                                           "bench_accum"]
     assert s["headline"] == {"ops.attention_fwd_bwd_vs_sdpa_B32": 1.25} and s["tests"]["compiles"] == 42
     md = (out / "summary.md").read_text()
     assert "OK" in md.splitlines()[0] and "42 Triton compiles (cold cache)" in md
