@@ -778,6 +778,8 @@ def _chart_accum(plt, doc: dict, path: Path) -> bool:
     ax.set_yticks(y)
     ax.set_yticklabels([x["config"] for x in largest], fontsize=8)
     ax.set_xscale("log", base=2)
+    if largest:  # bars on a log axis start at its left edge: one doubling below the smallest
+        ax.set_xlim(min(x["largest_n"] for x in largest) / 2, 3 * max(x["largest_n"] for x in largest))
     ax.set_xlabel("largest contrastive batch N in the budget (hatched: capped, still fitting)")
     s = doc.get("settings", {})
     ax.set_title(f"{s.get('preset')}, budget {s.get('budget_mib', 0):.0f} MiB", fontsize=9)
@@ -785,8 +787,8 @@ def _chart_accum(plt, doc: dict, path: Path) -> bool:
     y = list(range(len(timing)))[::-1]
     for yy, t in zip(y, timing):
         ax.barh(yy, t["median_ms"], xerr=(t.get("iqr_ms") or 0) / 2, capsize=3, color="tab:orange")
-        ax.annotate(f"{t['median_ms']:.0f} ms", (t["median_ms"], yy), xytext=(4, -3), textcoords="offset points",
-                    fontsize=7)
+        ax.annotate(f"{t['median_ms']:.0f} ms", (t["median_ms"] + (t.get("iqr_ms") or 0) / 2, yy), xytext=(6, -3),
+                    textcoords="offset points", fontsize=7)
     ax.set_yticks(y)
     ax.set_yticklabels([f"{t['variant']} ({t['accum_steps']}x{t['micro_batch']})" for t in timing], fontsize=8)
     ax.set_xlabel("step time, median (ms); whiskers +/- IQR/2")
