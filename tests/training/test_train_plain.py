@@ -31,6 +31,8 @@ def test_one_step_every_tiny_preset(name, digits_shards, tmp_path, train_args):
 
 
 def test_resume_gives_identical_losses(digits_shards, tmp_path, train_args):
+    """Resume after exact K=2 accumulation (the default mode) continues the identical curve:
+    checkpoints sit at step boundaries, so a resume never lands inside an accumulated step."""
     full, part = tmp_path / "full", tmp_path / "part"
     extra = ["--accum-steps", "2", "--lr-share", "1e-4"]
     main(train_args(digits_shards, full, "--max-steps", "6", *extra, batch=4))
