@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Mapping
 
@@ -86,7 +86,6 @@ class TrainConfig:
     log_every: int = 1
     eval_every: int = 0
     no_progress: bool = False
-    flags: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def distributed(self) -> bool:
@@ -127,24 +126,26 @@ class TrainConfig:
             precision = precision or default_precision(device_type)
             grad_clip = 1.0 if grad_clip is None else float(grad_clip)
         check_precision(precision, device_type)
-        names = {f.name for f in dataclasses.fields(cls)} - {"flags", "ds_config", "ds_config_path"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"ds_config", "ds_config_path"}
         values = {k: flags[k] for k in names if k in flags}
         values.update(precision=precision, grad_clip=float(grad_clip), world_size=world_size,
                       device_type=device_type, ds_config=ds, ds_config_path=flags.get("ds_config"))
-        return cls(**values, flags=MappingProxyType(flags))
+        return cls(**values)
 
     def to_json(self) -> dict:
         """JSON-able view (args.json of the run dir): the flags plus the resolved values."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("flags", "ds_config")}
-        out["ds_config"] = None if self.ds_config is None else _plain(self.ds_config)
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "ds_config"}
+        out["ds_config"] = None if self.ds_config is None else plain_dict(self.ds_config)
         out["global_batch"] = self.global_batch
         out["contrastive_batch"] = self.contrastive_batch
         return out
 
 
-def _plain(x):
+def plain_dict(x):
+    """A deep copy of ``x`` with every mapping a plain dict and every tuple a list (what
+    ``json`` and ``deepspeed.initialize`` take; DeepSpeed edits its config in place)."""
     if isinstance(x, Mapping):
-        return {k: _plain(v) for k, v in x.items()}
+        return {k: plain_dict(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
+        return [plain_dict(v) for v in x]
     return x

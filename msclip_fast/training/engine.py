@@ -15,14 +15,13 @@ import logging
 import math
 import os
 from pathlib import Path
-from types import MappingProxyType
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from ..losses import ClipLoss
-from .config import TrainConfig
+from .config import TrainConfig, plain_dict
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +187,7 @@ class DeepSpeedEngine(_EngineBase):
             raise ValueError("DeepSpeedEngine needs a TrainConfig with a resolved ds_config")
         self.scalar_names = list(scalar_names)  # from promote_scalar_params: 0-d again in model.pt
         model.to(device)
-        ds_config = _plain_dict(cfg.ds_config)  # deepspeed.initialize wants (and may edit) a dict
+        ds_config = plain_dict(cfg.ds_config)  # deepspeed.initialize wants (and may edit) a dict
         self.ds, ds_opt, _, ds_sched = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
         )
@@ -275,14 +274,6 @@ class DeepSpeedEngine(_EngineBase):
         path, _ = self.ds.load_checkpoint(str(ckpt_dir / "deepspeed"), tag="state")
         if path is None:
             raise ValueError(f"DeepSpeed could not load a checkpoint from {ckpt_dir / 'deepspeed'}")
-
-
-def _plain_dict(x):
-    if isinstance(x, (dict, MappingProxyType)):
-        return {k: _plain_dict(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain_dict(v) for v in x]
-    return x
 
 
 def pick_device(local_rank: int) -> torch.device:

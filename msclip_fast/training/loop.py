@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import torch.distributed as dist
 
 from .config import TrainConfig
+from .engine import dist_ready
 from .step import StepResult, train_step
 
 logger = logging.getLogger("msclip_fast.training")
@@ -40,10 +41,6 @@ class TrainState:
     @classmethod
     def from_meta(cls, meta: dict) -> "TrainState":
         return cls(int(meta["step"]), int(meta["epoch"]), int(meta["batch"]), meta.get("path"))
-
-
-def dist_ready() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 def gather_skipped(loader, world_size: int) -> dict:
