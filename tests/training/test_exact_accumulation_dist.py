@@ -12,7 +12,8 @@
    8-pair micro-batch losses (not the 16-pair loss), same number of optimizer steps and the
    same per-step learning rates as the plain run (DeepSpeed's boundary falls after exactly
    ``accum_steps`` backward passes).
-4. ZeRO-3 + ``--grad-checkpointing`` + exact K=2 on 2 ranks: loss curve equals the plain run.
+4. ZeRO-3 + ``--grad-checkpointing`` + exact K=2 on 2 ranks, with a resume mid-run: the
+   stage-3 case of test_zero.py (its loss curve equals the plain run's).
 
 Data alignment (checked by ``first_batch``): the loader deals sample i of the epoch stream to
 rank ``i % world_size`` with the same order and augmentation for every batch size and world
@@ -362,19 +363,4 @@ def test_zero2_independent_accumulation_steps_and_lr(digits_shards, tmp_path, pl
     assert len({m["lr"] for m in ref}) == STEPS  # warmup then decay: a shifted schedule would show
 
 
-@pytest.mark.slow
-def test_zero3_grad_checkpointing_exact_accumulation(digits_shards, tmp_path, plain16):
-    run = tmp_path / "zero3_ckpt"
-    steps = 2
-    wall = _launch(["--ds_config", "configs/ds/zero3.json", "--model", "msclip-tiny",
-                    "--train-data", str(digits_shards / "train"), "--batch-size", str(B), "--accum-steps", str(K),
-                    "--grad-checkpointing", "--warmup", "3", "--no-progress", "--output", str(run),
-                    "--max-steps", str(steps)])
-    print(f"ZeRO-3 exact K={K} + grad checkpointing: {wall:.1f}s")
-    got, ref = _metrics(run), _metrics(plain16)[:steps]
-    assert len(got) == steps
-    torch.testing.assert_close(torch.tensor([m["loss"] for m in got]), torch.tensor([m["loss"] for m in ref]),
-                               rtol=1e-5, atol=1e-6)
-    assert got[0]["grad_norm"] == pytest.approx(ref[0]["grad_norm"], rel=1e-5)
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["zero_stage"] == 3 and summary["grad_checkpointing"] is True and summary["steps"] == steps
+# ZeRO-3 with exact accumulation, --grad-checkpointing and a resume mid-run: test_zero.py's stage-3 case.

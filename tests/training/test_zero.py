@@ -1,9 +1,10 @@
 """DeepSpeed ZeRO 0/1/2/3 with 2 real CPU ranks (gloo) through the `deepspeed` launcher.
 
-Each stage trains msclip-tiny (shared attention+FFN) for 3 steps with 4 samples per rank; the
-loss curve must equal the single-process plain-PyTorch run with 8 samples per step (the loader
-deals sample i of the epoch to rank i % world_size, and the gathered ClipLoss is the full-batch
-loss, so the two runs see the same global batches).
+Each stage trains msclip-tiny (shared attention+FFN) for 3 steps with 4 samples per rank (ZeRO-3:
+2 micro-batches of 2, exact accumulation, activation checkpointing, and a resume after step 2);
+the loss curve must equal the single-process plain-PyTorch run with 8 samples per step (the
+loader deals sample i of the epoch to rank i % world_size, and the gathered ClipLoss is the
+full-batch loss, so the two runs see the same global batches).
 """
 import json
 from pathlib import Path
@@ -31,7 +32,11 @@ def reference(digits_shards, tmp_path_factory):
 def test_zero_stage_matches_single_process(stage, digits_shards, tmp_path, reference, train_args):
     run = tmp_path / f"zero{stage}"
     args = train_args(digits_shards, run, "--ds_config", f"configs/ds/zero{stage}.json", batch=4)
-    if stage == 3:  # also exercise DeepSpeed checkpoint + resume: 2 steps, then resume to 3
+    if stage == 3:
+        # also DeepSpeed checkpoint + resume (2 steps, then resume to 3), exact accumulation and
+        # activation checkpointing: 2 micro-batches of 2 per rank are the same 8 pairs per loss
+        args = train_args(digits_shards, run, "--ds_config", f"configs/ds/zero{stage}.json", "--accum-steps", "2",
+                          "--grad-checkpointing", batch=2)
         wall = _launch(args + ["--max-steps", "2"]) + _launch(args + ["--max-steps", "3", "--resume", str(run)])
     else:
         wall = _launch(args + ["--max-steps", "3"])
