@@ -9,26 +9,13 @@
 
 #include <cstdint>
 
+#include "common/tile_products.h"
+
 namespace msclip {
 namespace contrastive {
 
-class TileProducts {
- public:
-  virtual ~TileProducts() = default;
-  // out[(i - r0) * cols + (j - c0)] = Σ_k I[i, k]·T[j, k] in fp32 for i in [r0, r0+rows),
-  // j in [c0, c0+cols) (row-major, leading dimension = cols).
-  virtual void logits(int64_t r0, int64_t rows, int64_t c0, int64_t cols, float* out) = 0;
-  // dI[r0:r0+rows] += alpha·G·T[c0:c0+cols] and dT[c0:c0+cols] += alpha·Gᵀ·I[r0:r0+rows],
-  // G being `rows` x `cols` row-major (leading dimension = cols).
-  virtual void accumulate(int64_t r0, int64_t rows, int64_t c0, int64_t cols, const float* g,
-                          float alpha) = 0;
-};
-
-struct CpuOptions {
-  int64_t tile_rows = 1024;  // rows of I per tile (clamped to N)
-  int64_t tile_cols = 1024;  // rows of T per tile (clamped to N)
-  int num_threads = 0;       // OpenMP threads inside a tile; 0: omp_get_max_threads()
-};
+// TileProducts and CpuOptions (common/tile_products.h): the I·Tᵀ blocks and gradient GEMMs the
+// driver asks for, and its tiling.
 
 // Forward over all tiles: fills lse_row[N], lse_col[N] (log-sum-exp of the logits' rows and
 // columns) and returns the loss (mean of both cross-entropy directions). n >= 1.

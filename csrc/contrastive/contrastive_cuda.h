@@ -6,10 +6,10 @@
 
 #include <cstdint>
 
+#include "common/cuda_dtype.h"
+
 namespace msclip {
 namespace contrastive {
-
-enum class CudaDType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // Floats of workspace launch_backward needs for n pairs.
 int64_t backward_workspace_floats(int64_t n);

@@ -13,53 +13,12 @@
 // scale; sums are fp32 (tile-local) and merged with the standard (max, sum) rescaling.
 #pragma once
 
-#include <cmath>
 #include <cstdint>
-#include <cstring>
 
-#if defined(__CUDACC__)
-#define MSCLIP_HD __host__ __device__ __forceinline__
-#else
-#define MSCLIP_HD inline
-#endif
+#include "common/tile_math.h"  // MSCLIP_HD, neg_inf, exp_nonpos
 
 namespace msclip {
 namespace contrastive {
-
-// -inf (INFINITY from <cmath> is a constant expression on host and device).
-MSCLIP_HD float neg_inf() { return -INFINITY; }
-
-// exp(x) for x <= 0 (the only domain the loss needs: x minus a running max).
-// Cephes-style range reduction + degree-6 polynomial, ~2 ulp on [-87, 0], 0 below -87
-// (e^-87 < 2e-38 is far below one ulp of any sum that contains its max term, which is 1).
-// Written branch-free with integer truncation so GCC vectorizes it at -O3 (no libm call).
-MSCLIP_HD float exp_nonpos(float x) {
-  const float log2e = 1.44269504088896341f;
-  const float c1 = 0.693359375f;      // ln 2 split in two for an exact n·ln2
-  const float c2 = -2.12194440e-4f;
-  float xc = x < -87.0f ? -87.0f : x;  // also maps -inf to -87 (result forced to 0 below)
-  // round to nearest for t <= 0: truncation of t - 0.5
-  int n = static_cast<int>(xc * log2e - 0.5f);
-  float fn = static_cast<float>(n);
-  float r = xc - fn * c1 - fn * c2;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  // 2^n by building the exponent bits (n in [-126, 0] here)
-  int32_t bits = (n + 127) << 23;
-#if defined(__CUDA_ARCH__)
-  float two_n = __int_as_float(bits);
-#else
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(float));
-#endif
-  float y = p * two_n;
-  return x < -87.0f ? 0.0f : y;
-}
 
 // Online log-sum-exp accumulator: value = m + log(s), with s = Σ exp(x − m).
 // Empty: m = -inf, s = 0. Invariant: s >= 1 whenever m is finite (the max term contributes 1).

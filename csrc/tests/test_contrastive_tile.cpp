@@ -7,7 +7,9 @@
 
 #include "contrastive/contrastive_cpu.h"
 #include "contrastive/contrastive_tile.h"
+#include "tests/naive_tiles.h"
 
+using namespace msclip;
 using namespace msclip::contrastive;
 
 static int g_failures = 0;
@@ -93,35 +95,6 @@ static void test_row_col_tile() {
   }
 }
 
-// Naive tile products in fp32 over double-checked data.
-struct Naive : TileProducts {
-  const std::vector<float>& I;
-  const std::vector<float>& T;
-  int64_t d;
-  std::vector<double> dI, dT;
-  Naive(const std::vector<float>& i, const std::vector<float>& t, int64_t n, int64_t d_)
-      : I(i), T(t), d(d_), dI(n * d_, 0.0), dT(n * d_, 0.0) {}
-  void logits(int64_t r0, int64_t rows, int64_t c0, int64_t cols, float* out) override {
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t j = 0; j < cols; ++j) {
-        double acc = 0;
-        for (int64_t k = 0; k < d; ++k) acc += double(I[(r0 + i) * d + k]) * T[(c0 + j) * d + k];
-        out[i * cols + j] = static_cast<float>(acc);
-      }
-  }
-  void accumulate(int64_t r0, int64_t rows, int64_t c0, int64_t cols, const float* g,
-                  float alpha) override {
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t j = 0; j < cols; ++j) {
-        const double gij = double(alpha) * g[i * cols + j];
-        for (int64_t k = 0; k < d; ++k) {
-          dI[(r0 + i) * d + k] += gij * T[(c0 + j) * d + k];
-          dT[(c0 + j) * d + k] += gij * I[(r0 + i) * d + k];
-        }
-      }
-  }
-};
-
 // Naive double loss and gradients (materializes N x N).
 static void reference(const std::vector<float>& I, const std::vector<float>& T, int64_t n,
                       int64_t d, double s, double g, double* loss, std::vector<double>& dI,
@@ -182,7 +155,7 @@ static void test_driver(int64_t n, int64_t d, float scale, int64_t tr, int64_t t
   opt.tile_rows = tr;
   opt.tile_cols = tc;
   opt.num_threads = threads;
-  Naive tp(I, T, n, d);
+  Naive tp(I, T, n, n, d);
   std::vector<float> lr(n), lc(n);
   const float g = 0.75f;
   const double loss = forward_cpu(tp, n, scale, lr.data(), lc.data(), opt);

@@ -8,8 +8,9 @@ from .bias_act import ACTIVATIONS, bias_act, bias_act_ref, ffn, ffn_ref
 from .contrastive import contrastive_loss, contrastive_loss_ref
 from .contrastive_share import contrastive_loss_share
 from .layer_norm import modality_layer_norm, modality_layer_norm_ref
+from .sigmoid import sigmoid_loss, sigmoid_loss_ref
 
-OPS = {f.op.name: f.op for f in (attention, modality_layer_norm, bias_act, ffn, contrastive_loss)}
+OPS = {f.op.name: f.op for f in (attention, modality_layer_norm, bias_act, ffn, contrastive_loss, sigmoid_loss)}
 
 
 def backend_status() -> dict[str, dict[str, list[str]]]:
@@ -32,4 +33,6 @@ __all__ = [
     "ffn_ref",
     "modality_layer_norm",
     "modality_layer_norm_ref",
+    "sigmoid_loss",
+    "sigmoid_loss_ref",
 ]
