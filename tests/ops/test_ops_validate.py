@@ -14,6 +14,7 @@ from msclip_fast.ops import (
     contrastive_triton,
     ffn_triton,
     layer_norm_triton,
+    sigmoid_fused,
 )
 
 
@@ -29,13 +30,15 @@ def _valid_args():
         "bias_act": ((x, torch.randn(8)), dict(act="gelu")),
         "ffn": ((x, torch.randn(16, 8), torch.randn(16), torch.randn(4, 16), None), dict(act="quick_gelu")),
         "contrastive_loss": ((x, torch.randn(5, 8), torch.tensor(10.0)), {}),
+        "sigmoid_loss": ((x, torch.randn(3, 8), torch.tensor(10.0), torch.tensor(-10.0)), dict(negative_only=True)),
     }
 
 
 PUBLIC = {"attention": ops.attention, "modality_layer_norm": ops.modality_layer_norm, "bias_act": ops.bias_act,
-          "ffn": ops.ffn, "contrastive_loss": ops.contrastive_loss}
+          "ffn": ops.ffn, "contrastive_loss": ops.contrastive_loss, "sigmoid_loss": ops.sigmoid_loss}
 REFS = {"attention": ops.attention_ref, "modality_layer_norm": ops.modality_layer_norm_ref,
-        "bias_act": ops.bias_act_ref, "ffn": ops.ffn_ref, "contrastive_loss": ops.contrastive_loss_ref}
+        "bias_act": ops.bias_act_ref, "ffn": ops.ffn_ref, "contrastive_loss": ops.contrastive_loss_ref,
+        "sigmoid_loss": ops.sigmoid_loss_ref}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLIC))
@@ -65,6 +68,8 @@ BAD = [
     ("ffn", lambda: (torch.randn(3, 4), torch.randn(8, 5), None, torch.randn(4, 8), None), {}, "triton",
      r"fc_weight must be \(N, 4\)"),
     ("contrastive_loss", lambda: (torch.randn(3, 4), torch.randn(3, 5), torch.tensor(1.0)), {}, "cuda", "share D"),
+    ("sigmoid_loss", lambda: (torch.randn(3, 4), torch.randn(2, 4), torch.tensor(1.0), None), {}, "cpu",
+     "one row count"),
 ]
 
 
@@ -93,6 +98,7 @@ def test_validation_reads_nothing_back_from_the_device():
     ops.OPS["bias_act"].validate(x, torch.empty(8, device=m))
     ops.OPS["ffn"].validate(x, torch.empty(16, 8, device=m), None, torch.empty(4, 16, device=m), None)
     ops.OPS["contrastive_loss"].validate(x, x, torch.empty((), device=m))
+    ops.OPS["sigmoid_loss"].validate(x, x[:3], torch.empty((), device=m), torch.empty(1, device=m), True)
 
 
 def test_one_naming_scheme_for_backend_checks():
@@ -108,6 +114,9 @@ def test_one_naming_scheme_for_backend_checks():
         be = ops.OPS["contrastive_loss"].backends[b]
         assert be.supports is getattr(contrastive_fused, f"{b}_supports")
         assert be.available is getattr(contrastive_fused, f"{b}_available")
+        be = ops.OPS["sigmoid_loss"].backends[b]
+        assert be.supports is getattr(sigmoid_fused, f"{b}_supports")
+        assert be.available is getattr(sigmoid_fused, f"{b}_available")
 
 
 def test_backend_supports_hold_only_backend_limits():

@@ -27,7 +27,8 @@ def test_env_override(monkeypatch):
 
 def test_backend_status_lists_every_op():
     st = ops.backend_status()
-    assert set(st) == {"attention", "modality_layer_norm", "bias_act", "ffn", "contrastive_loss"}
+    assert set(st) == {"attention", "modality_layer_norm", "bias_act", "ffn", "contrastive_loss",
+                       "sigmoid_loss"}
     assert st["attention"]["reference"] == []
 
 
