@@ -14,6 +14,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 MODULES = [
     "test_cuda_contrastive.py",
+    "test_cuda_sigmoid.py",
+    "test_sigmoid_triton.py",
     "test_ops_attention_sync.py",
     "test_ops_contrastive_scale.py",
     "test_ops_layer_norm_mixed.py",
