@@ -252,7 +252,7 @@ def prepare_env() -> None:
     before the kernels are imported; refuses if they were already built for the interpreter."""
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ.setdefault("TRITON_CACHE_DIR", str(DEFAULT_CACHE))
-    for name in ("attention", "layer_norm", "bias_act", "contrastive"):
+    for name in ("attention", "layer_norm", "bias_act", "contrastive", "sigmoid_loss"):
         mod = sys.modules.get(f"msclip_fast.kernels.{name}") or sys.modules.get(f"kernels.{name}")
         if mod is not None and getattr(mod, "INTERPRETED", False):
             raise RuntimeError("the Triton kernels were imported under TRITON_INTERPRET=1 in this process; "
@@ -412,7 +412,7 @@ class Case:
     """One op at one CLIP shape: ``run(module, dtype)`` calls the launchers (under
     :func:`fake_cuda` and :func:`capture`)."""
 
-    group: str  # kernel module: attention, layer_norm, bias_act, contrastive
+    group: str  # kernel module: attention, layer_norm, bias_act, contrastive, sigmoid_loss
     shape: str  # human label
     run: Callable
     dtypes: tuple | None = None  # only for these io dtypes (None: all)
@@ -507,6 +507,18 @@ def contrastive_loss(C, dtype, d=EMBED, n=LOSS_N):
     C.contrastive_bwd(img, txt, scale, lse_row, lse_col, torch.empty((), dtype=torch.float32, device="cuda"))
 
 
+def sigmoid_loss(S, dtype, d=EMBED, n=LOSS_N):
+    """The fused sigmoid (SigLIP) loss forward and backward on ``(N, D)`` image/text embeddings."""
+    import torch
+
+    img = torch.empty(n, d, dtype=dtype, device="cuda")
+    txt = torch.empty(n, d, dtype=dtype, device="cuda")
+    scale = torch.empty(1, dtype=torch.float32, device="cuda")
+    bias = torch.empty(1, dtype=torch.float32, device="cuda")
+    S.sigmoid_fwd(img, txt, scale, bias, False)
+    S.sigmoid_bwd(img, txt, scale, bias, torch.empty((), dtype=torch.float32, device="cuda"), False)
+
+
 CLIP_CASES = [
     Case("attention", "B/32 image L=50", lambda A, dt: attention_batched(A, dt, 50, False)),
     Case("attention", "B/16 image L=197", lambda A, dt: attention_batched(A, dt, 197, False)),
@@ -518,6 +530,7 @@ CLIP_CASES = [
          dtypes=("bf16", "fp16"), optional=True),
     Case("bias_act", "FFN 3072 quick_gelu", lambda BA, dt: bias_act_ffn(BA, dt)),
     Case("contrastive", "embed 512, N=4096", lambda C, dt: contrastive_loss(C, dt)),
+    Case("sigmoid_loss", "embed 512, N=4096", lambda S, dt: sigmoid_loss(S, dt)),
 ]
 
 

@@ -15,8 +15,11 @@ with exact fp32 arithmetic:
   cores read fp32 registers as TF32 by truncation), then multiplied in IEEE fp32.
 - fp32 operands with ``"ieee"``: unchanged.
 
-Operand rounding that a kernel does before a dot (``p.to(v.dtype)``) happens in the kernel
-itself, identically in both places. Launchers set ``EMULATE`` from where the kernel runs and
+Operand rounding that a kernel does before a dot, and the rounding of its outputs, go through
+:func:`round_to`: the GPU rounds fp32 -> bf16 to nearest even, Triton's interpreter truncates,
+so under ``EMULATE`` the rounding is done in integer arithmetic first. (Kernels that still write
+a bare ``.to(bf16)`` — attention, layer_norm, bias_act — get the interpreter's truncation there:
+their bf16 interpreter errors are slightly pessimistic, never optimistic.) Launchers set ``EMULATE`` from where the kernel runs and
 choose every numerics-affecting setting from the dtype alone (DESIGN §8): only tile sizes,
 warps and stages may differ between the interpreter and the GPU.
 Imports triton only (DESIGN §4).
@@ -55,3 +58,19 @@ def dot(a, b, acc, PREC: tl.constexpr, EMULATE: tl.constexpr):
         return tl.dot(a32, b32, acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr, EMULATE: tl.constexpr):
+    """fp32 ``x`` (finite) rounded to ``dtype`` to nearest even, as the GPU converts. Triton's
+    interpreter truncates fp32 -> bf16 (its ``create_fp_trunc`` drops the low 16 bits), a
+    biased error that adds up coherently over a row of same-signed values (it tripled the bf16
+    d_image error of a negative_only sigmoid-loss test); under ``EMULATE`` the rounding to nearest even is
+    done here in integer arithmetic, so the final conversion is exact. The interpreter already
+    rounds fp16 to nearest (numpy)."""
+    if EMULATE:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.int32, bitcast=True)
+            bits = (bits + (32767 + ((bits >> 16) & 1))) & -65536  # 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)

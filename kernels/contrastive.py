@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._numerics import dot
+from ._numerics import dot, round_to
 
 
 @triton.jit
@@ -153,8 +153,8 @@ def _grad_rows_kernel(
             ds += tl.sum(g * raw, axis=1)
         b = tl.load(B + offs_n[:, None] * sbn + offs_do[None, :] * sbd,
                     mask=nmask[:, None] & domask[None, :], other=0.0)
-        acc = dot(g.to(b.dtype), b, acc, PREC, EMULATE)
-    out = (acc * (s * coef)).to(DA.dtype.element_ty)
+        acc = dot(round_to(g, b.dtype, EMULATE), b, acc, PREC, EMULATE)
+    out = round_to(acc * (s * coef), DA.dtype.element_ty, EMULATE)
     tl.store(DA + offs_m[:, None] * D + offs_do[None, :], out, mask=mmask[:, None] & domask[None, :])
     if WRITE_DS:
         if pid_d == 0:

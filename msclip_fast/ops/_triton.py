@@ -56,7 +56,7 @@ def _loaded_interpreted() -> bool | None:
     interpreter (``triton.jit`` decides once, at decoration time)."""
     import sys
 
-    for mod_name in ("layer_norm", "bias_act", "attention", "contrastive"):
+    for mod_name in ("layer_norm", "bias_act", "attention", "contrastive", "sigmoid_loss"):
         mod = sys.modules.get(f"msclip_fast.kernels.{mod_name}") or sys.modules.get(f"kernels.{mod_name}")
         if mod is not None:
             return bool(getattr(mod, "INTERPRETED", False))

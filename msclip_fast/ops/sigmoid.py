@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from . import sigmoid_fused as _fused
+from . import sigmoid_triton as _triton
 from .registry import Backend, Op
 
 
@@ -57,6 +58,8 @@ _OP = Op("sigmoid_loss", validate=validate_sigmoid_loss)
 # triton for CPU tensors: the interpreter is for tests)
 _OP.register(Backend("cuda", _fused.sigmoid_loss_fused, supports=_fused.cuda_supports,
                      available=_fused.cuda_available))
+_OP.register(Backend("triton", _triton.sigmoid_loss_triton, supports=_triton.triton_supports,
+                     available=_triton.triton_available, auto_skip=_triton.triton_auto_skip))
 _OP.register(Backend("cpu", _fused.sigmoid_loss_fused, supports=_fused.cpu_supports,
                      available=_fused.cpu_available))
 _OP.register(Backend("reference", _sigmoid_loss_ref))

@@ -100,6 +100,17 @@ def contrastive():
         compile_all("contrastive", f"N={n} D={d} {dt}", call)
 
 
+def sigmoid():
+    # odd shapes only: kernel_report compiles the CLIP shape (N=4096, D=512) in every dtype
+    for ni, nt, d, dt, neg in ((1000, 300, 100, torch.float32, True), (300, 300, 1024, torch.float16, False)):
+        def call(S, ni=ni, nt=nt, d=d, dt=dt, neg=neg):
+            img, txt = e(ni, d, dtype=dt), e(nt, d, dtype=dt)
+            scale, bias = e(1, dtype=torch.float32), e(1, dtype=torch.float32)
+            S.sigmoid_fwd(img, txt, scale, bias, neg)
+            S.sigmoid_bwd(img, txt, scale, bias, e((), dtype=torch.float32), neg)
+        compile_all("sigmoid_loss", f"N_I={ni} N_T={nt} D={d} {dt} negative_only={neg}", call)
+
+
 if __name__ == "__main__":
     kr.prepare_env()
     assert not kr.kernel_module("attention").INTERPRETED
@@ -109,4 +120,5 @@ if __name__ == "__main__":
     bias_act()
     attention()
     contrastive()
+    sigmoid()
     print(f"compiled {n_ok} kernels for sm_{ARCH} (Triton {triton.__version__})")

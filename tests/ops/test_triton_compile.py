@@ -26,5 +26,5 @@ def test_kernels_compile_for_sm90():
     # every kernel family, the contrastive loss's included
     for kernel in ("_ln_fwd_kernel", "_ln_bwd_kernel", "_bias_act_fwd_kernel", "_bias_act_bwd_kernel",
                    "_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
-                   "_lse_rows_kernel", "_grad_rows_kernel"):
+                   "_lse_rows_kernel", "_grad_rows_kernel", "_sig_loss_rows_kernel", "_sig_grad_rows_kernel"):
         assert f"ok {kernel} " in p.stdout, kernel
