@@ -20,6 +20,7 @@ _LAZY = {
     "ops": ("msclip_fast.ops", None),
     "get_tokenizer": ("msclip_fast.data.tokenizer", "get_tokenizer"),
     "ClipLoss": ("msclip_fast.losses", "ClipLoss"),
+    "SigLipLoss": ("msclip_fast.losses", "SigLipLoss"),
     "create_model": ("msclip_fast.models", "create_model"),
     "list_models": ("msclip_fast.models", "list_models"),
     "load_model": ("msclip_fast.models", "load_model"),

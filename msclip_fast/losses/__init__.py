@@ -1,5 +1,7 @@
-"""Losses: the open_clip-compatible :class:`ClipLoss` and distributed feature gathering."""
+"""Losses: the open_clip-compatible :class:`ClipLoss` and :class:`SigLipLoss`, distributed
+feature gathering and neighbour exchange."""
 from .clip_loss import ClipLoss
 from .distributed import all_gather_with_grad, gather_features
+from .siglip_loss import SigLipLoss
 
-__all__ = ["ClipLoss", "all_gather_with_grad", "gather_features"]
+__all__ = ["ClipLoss", "SigLipLoss", "all_gather_with_grad", "gather_features"]
