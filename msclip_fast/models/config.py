@@ -169,6 +169,9 @@ class ModelConfig:
         mlp_ratio, act, ln_eps: FFN ratio, activation, LayerNorm epsilon.
         logit_scale_init: initial log temperature (CLIP: ln(1/0.07)); logit_scale_max: clamp of
             exp(logit_scale) (100).
+        logit_bias_init: initial value of a learned 0-d ``logit_bias`` added to every logit
+            (SigLIP, Zhai et al. 2023: -10, with logit_scale_init ln 10); null (the CLIP default)
+            builds no bias parameter, and the forward returns three values instead of four.
         name: the preset name (informational).
     """
 
@@ -188,6 +191,7 @@ class ModelConfig:
     ln_eps: float = 1e-12
     logit_scale_init: float = math.log(1 / 0.07)
     logit_scale_max: float = 100.0
+    logit_bias_init: float | None = None
     name: str = ""
 
     def __post_init__(self):
@@ -227,6 +231,8 @@ class ModelConfig:
         self.logit_scale_max = _float("logit_scale_max", self.logit_scale_max)
         if self.logit_scale_max <= 0:
             _fail("logit_scale_max", self.logit_scale_max, "must be positive")
+        if self.logit_bias_init is not None:
+            self.logit_bias_init = _float("logit_bias_init", self.logit_bias_init)
         v, t = self.vision, self.text
         n_common = min(v.layers, t.layers)
         first = 1 if self.early_specialization else 0

@@ -27,7 +27,8 @@ class MSCLIP(nn.Module):
         ``text.*``: embeddings, text-only blocks (``text.blocks.<i>``), ln_final, projection.
         ``blocks.<i>``: blocks both towers run; shared components are single modules,
         per-modality LayerNorms stacked (2, D).
-        ``logit_scale``: 0-d.
+        ``logit_scale``: 0-d; ``logit_bias``: 0-d, only when ``cfg.logit_bias_init`` is set
+        (SigLIP), else the attribute is None.
 
     Execution (DESIGN §3): one :class:`~.plan.ExecutionPlan` built from the config (which
     block runs at each position, for which modalities, with which adapter before it) and one
@@ -50,6 +51,9 @@ class MSCLIP(nn.Module):
         })
         self.plan = ExecutionPlan.from_config(cfg)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
+        # registered even when absent so that ``model.logit_bias`` is None rather than missing
+        self.register_parameter("logit_bias", None if cfg.logit_bias_init is None
+                                else nn.Parameter(torch.tensor(float(cfg.logit_bias_init))))
         self._locked = {"image": False, "text": False}
         self.grad_checkpointing = False
         self._init_clip()
@@ -99,15 +103,15 @@ class MSCLIP(nn.Module):
         return {f"blocks.{i}.{n}" for i, blk in self.blocks.items() for n in blk.shared_parameter_names()}
 
     def no_weight_decay_names(self) -> set[str]:
-        """Gains, biases, BatchNorm/LayerNorm params, embeddings (token, positional, class)
-        and logit_scale."""
+        """Gains, biases, BatchNorm/LayerNorm params, embeddings (token, positional, class),
+        logit_scale and logit_bias."""
         names = set()
         for mname, mod in self.named_modules():
             for pname, _ in mod.named_parameters(recurse=False):
                 full = f"{mname}.{pname}" if mname else pname
                 if (isinstance(mod, (ModalityLayerNorm, nn.BatchNorm2d, nn.Embedding, nn.LayerNorm))
                         or "bias" in pname
-                        or pname in ("class_embedding", "positional_embedding", "logit_scale")):
+                        or pname in ("class_embedding", "positional_embedding", "logit_scale", "logit_bias")):
                     names.add(full)
         return names
 
@@ -175,13 +179,20 @@ class MSCLIP(nn.Module):
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, text_lengths=None):
         """Returns ``(image_features (B, E), text_features (B', E), scale)``, features
-        L2-normalized, ``scale = exp(logit_scale)`` clamped at ``logit_scale_max`` (0-d).
+        L2-normalized, ``scale = exp(logit_scale)`` clamped at ``logit_scale_max`` (0-d);
+        a model with a ``logit_bias`` (SigLIP) returns ``(..., scale, logit_bias)`` (0-d, the
+        bias's value with its gradient path), as open_clip's models do.
         ``B`` and ``B'`` may differ. Packed execution when ``config.packed``.
         ``text_lengths``: the captions' host lengths ``eot + 1`` (the loader's
         ``batch["text_lengths"]``), see :meth:`encode_text`."""
         img, txt = self.forward_features(images, tokens, text_lengths=text_lengths)
         scale = self.logit_scale.exp().clamp(max=self.config.logit_scale_max)
-        return F.normalize(img, dim=-1), F.normalize(txt, dim=-1), scale
+        out = (F.normalize(img, dim=-1), F.normalize(txt, dim=-1), scale)
+        if self.logit_bias is None:
+            return out
+        # a copy, not the Parameter: ZeRO-3 releases (empties) a parameter's data when the
+        # forward ends, so only a tensor computed inside it (like the scale) reaches the loss
+        return (*out, self.logit_bias.clone())
 
     def forward_features(self, images: torch.Tensor, tokens: torch.Tensor, packed: bool | None = None,
                          text_lengths=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,6 +24,9 @@ _ADAPTER = {"branch_dw.0": "top2bottom_dw_conv.conv", "branch_dw.1": "top2bottom
 _BOTTLENECK = {"conv1.0": "conv1", "conv1.1": "bn1", "conv2.0": "conv2", "conv2.1": "bn2", "conv3.0": "conv3",
                "conv3.1": "bn3", "shortcut.0": "residual_conv", "shortcut.1": "residual_bn"}
 _TOP = {"visual.class_embedding", "visual.positional_embedding", "visual.proj", "logit_scale"}
+# SigLIP's learned logit bias has no counterpart in the official (InfoNCE) code: it is written
+# under its own name, and an official checkpoint without it leaves the model's initial value
+_OPTIONAL = {"logit_bias"}
 _TEXT_TOP = {"text.token_embedding.weight": "token_embedding.weight",
              "text.positional_embedding": "positional_embedding", "text.text_projection": "text_projection"}
 
@@ -31,7 +34,7 @@ _TEXT_TOP = {"text.token_embedding.weight": "token_embedding.weight",
 def _official(key: str, early: bool) -> tuple[str, list[str]]:
     """(kind, official keys) for our ``key``; kind: "copy" (one key), "shared" (one tensor
     stored under several keys) or "rows" (row r of our stacked tensor = key r)."""
-    if key in _TOP:
+    if key in _TOP or key in _OPTIONAL:
         return "copy", [key]
     if key in _TEXT_TOP:
         return "copy", [_TEXT_TOP[key]]
@@ -77,7 +80,8 @@ def is_official_state_dict(sd: dict) -> bool:
 
 def from_official_state_dict(sd: dict, model) -> dict:
     """Our state dict for ``model`` from an official-layout ``sd`` (a shared tensor is read
-    from its vision key; LayerNorm ``(D,)`` tensors are stacked into ``(M, D)``).
+    from its vision key; LayerNorm ``(D,)`` tensors are stacked into ``(M, D)``). A model
+    ``logit_bias`` (SigLIP) absent from ``sd`` keeps the model's current value.
 
     Raises:
         ValueError: a key ``model`` needs is absent from ``sd``.
@@ -87,6 +91,9 @@ def from_official_state_dict(sd: dict, model) -> dict:
     for key, ref in model.state_dict().items():
         kind, names = _official(key, early)
         missing = [n for n in names if n not in sd]
+        if key in _OPTIONAL and missing:
+            out[key] = ref.clone()
+            continue
         if kind == "rows" and ref.shape[0] == 1:
             names, missing = names[:1], [n for n in names[:1] if n not in sd]
         if missing:
@@ -101,7 +108,8 @@ def from_official_state_dict(sd: dict, model) -> dict:
 
 def to_official_state_dict(model) -> dict:
     """The official layout of ``model``'s weights: each shared tensor written under both the
-    vision and the text key, each LayerNorm row as its own ``(D,)`` tensor."""
+    vision and the text key, each LayerNorm row as its own ``(D,)`` tensor; a ``logit_bias``
+    (SigLIP, not in the official code) under ``logit_bias``."""
     early = model.config.early_specialization
     out = {}
     for key, t in model.state_dict().items():

@@ -46,7 +46,10 @@ class TrainConfig:
     Fields mirror the ``train.py`` flags (see ``train.py --help``); these are resolved:
     ``precision`` ("fp32" | "bf16" | "fp16", never None), ``grad_clip`` (max global grad norm,
     0 = off), ``ds_config`` (the DeepSpeed config dict handed to ``deepspeed.initialize``, None
-    for the plain engine, read-only), ``world_size`` and ``device_type``.
+    for the plain engine, read-only), ``world_size`` and ``device_type``. ``loss`` is "clip" |
+    "siglip"; ``logit_scale_init`` / ``logit_bias_init`` override the preset's model config
+    fields (None: keep the preset's; the bias "none": no bias parameter), already filled with
+    SigLIP's values for ``loss="siglip"`` by :func:`~.params.validate`.
     """
 
     model: str = "msclip-tiny"
@@ -81,6 +84,9 @@ class TrainConfig:
     lock_image: bool = False
     lock_text: bool = False
     local_loss: bool = False
+    loss: str = "clip"
+    logit_scale_init: float | None = None
+    logit_bias_init: float | str | None = None
     resume: str | None = None
     save_every: int = 0
     log_every: int = 1

@@ -1,8 +1,9 @@
 """Training engines: DeepSpeed (ZeRO 0-3, bf16) when launched with a ds config, plain PyTorch otherwise.
 
 Both expose the same small interface to the step functions of :mod:`msclip_fast.training.step`:
-``forward(batch) -> (image_features, text_features, scale)`` (autograd follows the caller's
-grad mode), ``loss(image_features, text_features, scale)``, ``backward(t, mean_over_accum)``
+``forward(batch) -> (image_features, text_features, scale[, logit_bias])`` (the model's
+output: the bias only for a model that has one; autograd follows the caller's grad mode),
+``loss(image_features, text_features, scale, logit_bias=None)`` (``--loss``), ``backward(t, mean_over_accum)``
 once per micro-batch, ``step() -> grad_norm`` once per ``accum_steps`` backward passes,
 ``lrs()``, ``save_state(dir)`` / ``load_state(dir)``, ``consolidated_state_dict()`` and the
 collectives ``any_rank(flag)``, ``all_mean(x)``, ``barrier()``. Both read a frozen
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..losses import ClipLoss
+from ..losses import ClipLoss, SigLipLoss
 from .config import TrainConfig, plain_dict
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,31 @@ def _fp32_cpu(state: dict) -> dict:
     return out
 
 
+def make_loss(cfg: TrainConfig, rank: int, world_size: int) -> nn.Module:
+    """The training loss of ``cfg.loss`` on rank ``rank`` of ``world_size``.
+
+    Both follow one gradient convention across ranks (losses.distributed): a rank's local
+    feature gradient is ``world_size x`` the full-batch one and the parameter gradients
+    averaged over ranks are the single-process ones, which exact accumulation's cached
+    feature gradients rely on. ClipLoss: every rank computes the full-batch loss, gathered
+    with gradient. SigLipLoss: each rank scores its own images against every rank's texts
+    (normalized by its own images), so the mean over ranks is the full-batch loss.
+    """
+    if cfg.loss == "siglip":
+        # "gather" rather than open_clip's default "bidir": one all-gather of the texts
+        # (backward: one all-reduce) and ONE fused negative-only call over all other ranks'
+        # texts, where bidir runs about world_size / 2 rounds of point-to-point exchanges, each
+        # a separate fused call, and replays them in backward. Gather holds all N x E texts at
+        # once instead of two chunks, which is small beside any tower's activations; the fused
+        # op never forms the N_r x N logits either way
+        return SigLipLoss(rank=rank, world_size=world_size, dist_impl="gather")
+    if cfg.loss != "clip":
+        raise ValueError(f"--loss must be 'clip' or 'siglip', got {cfg.loss!r}")
+    # gather_with_grad: the loss over all ranks' pairs back-propagates into every rank's
+    # features (losses.distributed), which exact accumulation's feature gradients rely on
+    return ClipLoss(local_loss=cfg.local_loss, gather_with_grad=True, rank=rank, world_size=world_size)
+
+
 class _EngineBase:
     """Shared pieces: loss, batch transfer, collectives."""
 
@@ -55,9 +81,10 @@ class _EngineBase:
         self.rank = rank
         self.world_size = world_size
         self.device = device
-        # gather_with_grad: the loss over all ranks' pairs back-propagates into every rank's
-        # features (losses.distributed), which exact accumulation's feature gradients rely on
-        self.loss_fn = ClipLoss(local_loss=cfg.local_loss, gather_with_grad=True, rank=rank, world_size=world_size)
+        self.loss_fn = make_loss(cfg, rank, world_size)
+        # SigLipLoss takes the bias positionally even when it is None (open_clip's signature);
+        # a clip loss gets one only from a model that has one
+        self._bias_always = cfg.loss == "siglip"
         self.group_names = [g.get("name", str(i)) for i, g in enumerate(optimizer.param_groups)]
 
     # --- collectives (no-ops on one process) ---
@@ -99,15 +126,20 @@ class _EngineBase:
             images = images.to(dtype)
         return images, tokens, batch.get("text_lengths")
 
-    def loss(self, image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def loss(self, image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor,
+             logit_bias: torch.Tensor | None = None) -> torch.Tensor:
         """The contrastive loss (0-d float32) of this rank's ``(N_r, E)`` features against all
-        ranks' (:class:`~msclip_fast.losses.ClipLoss`, gathered with gradient); collective."""
-        return self.loss_fn(_acc(image_features), _acc(text_features), _acc(scale))
+        ranks' (:func:`make_loss`); collective."""
+        if logit_bias is not None:
+            extra = (_acc(logit_bias),)
+        else:
+            extra = (None,) if self._bias_always else ()
+        return self.loss_fn(_acc(image_features), _acc(text_features), _acc(scale), *extra)
 
     def forward_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loss, scale)`` of one batch: :meth:`forward` then :meth:`loss` (validation)."""
-        img, txt, scale = self.forward(batch)
-        return self.loss(img, txt, scale), scale.detach().float()
+        out = self.forward(batch)
+        return self.loss(*out), out[2].detach().float()
 
 
 class TorchEngine(_EngineBase):

@@ -156,5 +156,7 @@ class TrainLoop:
             "samples_per_s": self._since_log * self.cfg.global_batch / max(now - self._t_log, 1e-9),
             "skipped": skipped, "skipped_total": sum(skipped.values()), "time": now - self.t_start,
         }
+        if result.bias is not None:
+            row["logit_bias"] = result.bias
         self._t_log, self._since_log = now, 0
         return row

@@ -56,6 +56,10 @@ def _model_overrides(cfg: TrainConfig) -> dict:
         o["packed"] = cfg.packed
     if cfg.image_size is not None:
         o["vision"] = {"image_size": cfg.image_size}
+    if cfg.logit_scale_init is not None:
+        o["logit_scale_init"] = cfg.logit_scale_init
+    if cfg.logit_bias_init is not None:
+        o["logit_bias_init"] = None if cfg.logit_bias_init == "none" else cfg.logit_bias_init
     return o
 
 
@@ -173,7 +177,8 @@ def _train(cfg: TrainConfig, rank: int, device: torch.device) -> dict:
         meta = load_checkpoint(cfg.resume, engine, expect={
             "model": (cfg.model, "--model"),
             "global_batch": (cfg.global_batch, "--batch-size x --accum-steps x ranks"),
-            "accum_mode": (cfg.accum_mode, "--accum-mode")})
+            "accum_mode": (cfg.accum_mode, "--accum-mode"),
+            "loss": (cfg.loss, "--loss")})
         state = TrainState.from_meta(meta)
         if state.step >= stop_at:
             raise ValueError(f"--resume {cfg.resume}: its checkpoint is at step {state.step}, already at or past "
@@ -188,9 +193,12 @@ def _train(cfg: TrainConfig, rank: int, device: torch.device) -> dict:
                 "rank(s) = %d samples per step)%s", cfg.contrastive_batch, cfg.accum_mode, cfg.accum_steps,
                 cfg.batch_size, world_size, cfg.global_batch,
                 ", activation checkpointing on" if cfg.grad_checkpointing else "")
+    bias = model.logit_bias
+    logger.info("loss %s (%s), logit scale init %.4g, logit bias %s", cfg.loss, type(engine.loss_fn).__name__,
+                model.config.logit_scale_init, "none" if bias is None else f"init {model.config.logit_bias_init:g}")
     meta_common = {"engine": engine.kind, "zero_stage": engine.zero_stage, "world_size": world_size,
                    "precision": cfg.precision, "model": cfg.model, "global_batch": cfg.global_batch,
-                   "accum_mode": cfg.accum_mode, "contrastive_batch": cfg.contrastive_batch}
+                   "accum_mode": cfg.accum_mode, "contrastive_batch": cfg.contrastive_batch, "loss": cfg.loss}
 
     saved = {"step": state.step if cfg.resume else None}
 
@@ -235,7 +243,7 @@ def _train(cfg: TrainConfig, rank: int, device: torch.device) -> dict:
             "samples_per_s": loop.steps_run * cfg.global_batch / wall if loop.steps_run and wall > 0 else None,
             "wall_s": time.time() - t_start, "world_size": world_size, "engine": engine.kind,
             "zero_stage": engine.zero_stage, "precision": cfg.precision, "model": cfg.model,
-            "global_batch": cfg.global_batch, "accum_mode": cfg.accum_mode,
+            "global_batch": cfg.global_batch, "accum_mode": cfg.accum_mode, "loss": cfg.loss,
             "contrastive_batch": cfg.contrastive_batch, "grad_checkpointing": cfg.grad_checkpointing,
             "skipped": skipped_all if skipped_all is not None else dict(getattr(loader, "skipped", {}) or {}),
             "last_checkpoint": state.last_checkpoint, "run_dir": str(run_dir),
@@ -246,7 +254,7 @@ def _train(cfg: TrainConfig, rank: int, device: torch.device) -> dict:
 
 
 def evaluate_loss(engine, model, cfg: TrainConfig, rank: int, world_size: int, max_batches: int | None = None) -> float:
-    """Mean contrastive loss over ``--val-data`` (all ranks take part; ends together)."""
+    """Mean training loss (``--loss``) over ``--val-data`` (all ranks take part; ends together)."""
     from ..data import build_loader
 
     loader = build_loader(cfg.val_data, cfg.batch_size, train=False, image_size=model.image_size,

@@ -21,7 +21,7 @@ def param_groups(model: nn.Module, lr: float, wd: float, lr_share: float, wd_sha
     """Split trainable parameters of ``model`` into up to four named AdamW groups.
 
     No weight decay on ``model.no_weight_decay_names()`` (gains, biases, norms, embeddings,
-    logit_scale; MS-CLIP / CLIP practice); ``model.shared_parameter_names()`` (weights used by
+    logit_scale, logit_bias; MS-CLIP / CLIP practice); ``model.shared_parameter_names()`` (weights used by
     both towers) get ``lr_share`` / ``wd_share`` (the official MS-CLIP configs set them apart).
     Frozen parameters (``requires_grad=False``, e.g. a locked tower) are left out. Empty groups
     are dropped. Each group dict has ``name``, ``params``, ``lr``, ``weight_decay`` and

@@ -5,9 +5,25 @@ Kept free of heavy imports (no deepspeed) so that ``train.py --help`` is instant
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+LOSSES = ("clip", "siglip")
+# Zhai et al. 2023 (SigLIP): t' = log 10 and b = -10 start the logits near the prior that almost
+# every pair is a negative (sigmoid(-10) ~ 5e-5), instead of spending the first steps correcting it
+SIGLIP_LOGIT_SCALE_INIT = math.log(10.0)
+SIGLIP_LOGIT_BIAS_INIT = -10.0
+
+
+def _float_or_none(text: str):
+    """A number, or "none" (no bias parameter)."""
+    if text.strip().lower() == "none":
+        return "none"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--lock-image", action="store_true", help="freeze the image tower (open_clip style)")
     g.add_argument("--lock-text", action="store_true", help="freeze the text tower")
-    g.add_argument("--local-loss", action="store_true", help="ClipLoss(local_loss=True) across ranks")
+    g.add_argument("--local-loss", action="store_true", help="ClipLoss(local_loss=True) across ranks (--loss clip)")
+    g.add_argument("--loss", choices=LOSSES, default="clip",
+                   help="clip: softmax InfoNCE (ClipLoss); siglip: pairwise sigmoid loss (SigLipLoss, Zhai et al. "
+                   "2023) with a learned logit bias; the model then starts at scale 10 and bias -10 unless "
+                   "--logit-scale-init / --logit-bias-init say otherwise")
+    g.add_argument("--logit-scale-init", type=float, default=None,
+                   help="initial log scale (model config logit_scale_init); default: the preset's (CLIP: "
+                   "ln(1/0.07)) with --loss clip, ln 10 with --loss siglip")
+    g.add_argument("--logit-bias-init", type=_float_or_none, default=None,
+                   help="initial learned logit bias, or 'none' for no bias parameter (model config "
+                   "logit_bias_init); default: the preset's (none) with --loss clip, -10 with --loss siglip")
 
     g = p.add_argument_group("run directory")
     g.add_argument("--output", default="runs/default", help="run directory (metrics.jsonl, checkpoints/, summary.json)")
@@ -95,7 +121,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def validate(args: argparse.Namespace) -> None:
-    """Check value ranges; fill ``lr_share`` / ``wd_share`` defaults."""
+    """Check value ranges; fill ``lr_share`` / ``wd_share`` defaults and, for ``--loss siglip``,
+    the SigLIP logit scale / bias initialization."""
     if not args.train_data:
         raise ValueError("--train-data is required")
     positive = ("batch_size", "epochs", "accum_steps", "log_every")
@@ -122,3 +149,15 @@ def validate(args: argparse.Namespace) -> None:
         raise ValueError(f"--lr-share/--wd-share must be >= 0, got {args.lr_share}/{args.wd_share}")
     if args.resume == "auto":
         args.resume = args.output
+    if args.local_loss and args.loss != "clip":
+        raise ValueError(f"--local-loss applies to --loss clip only (--loss {args.loss} scores each rank's "
+                         "images against all texts already)")
+    for name in ("logit_scale_init", "logit_bias_init"):
+        v = getattr(args, name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"--{name.replace('_', '-')} must be finite, got {v}")
+    if args.loss == "siglip":
+        if args.logit_scale_init is None:
+            args.logit_scale_init = SIGLIP_LOGIT_SCALE_INIT
+        if args.logit_bias_init is None:
+            args.logit_bias_init = SIGLIP_LOGIT_BIAS_INIT

@@ -5,11 +5,12 @@ from torch import nn
 
 
 def promote_scalar_params(model: nn.Module) -> list[str]:
-    """Replace every 0-d parameter (``logit_scale``) by a ``(1,)`` one, in place.
+    """Replace every 0-d parameter (``logit_scale``, and ``logit_bias`` when the model has one)
+    by a ``(1,)`` one, in place.
 
     Why: DeepSpeed's ``_broadcast_model`` does ``p.data.view(torch.uint8)``, which raises for 0-d
     tensors ("self.dim() cannot be 0 to view Float as Byte"). The model's math is unchanged
-    (``exp(logit_scale)`` broadcasts); :class:`~.engine.DeepSpeedEngine` reshapes these entries
+    (``exp(logit_scale)`` and the bias broadcast); :class:`~.engine.DeepSpeedEngine` reshapes these entries
     back to 0-d in the consolidated ``model.pt``. Call before building the optimizer.
     Returns the state_dict names of the promoted parameters.
     """

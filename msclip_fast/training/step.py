@@ -8,9 +8,10 @@ Contrastive Learning Batch Size under Memory Limited Setup", RepL4NLP 2021) give
 the gradients of one contrastive batch of all ``K x B x world_size`` pairs, with the activation
 memory of one micro-batch:
 
-1. forward every micro-batch without autograd; keep only its features (and the scale);
+1. forward every micro-batch without autograd; keep only its features (and the scale, and the
+   logit bias of a model that has one: SigLIP);
 2. the loss over all of them (gathered across ranks, fused O(N) memory) and its gradient with
-   respect to every cached feature and the scale;
+   respect to every cached feature, the scale and the bias;
 3. forward each micro-batch again with autograd and back-propagate its cached feature
    gradients (a surrogate ``<f, dL/df>`` per micro-batch); gradients accumulate; one optimizer
    step.
@@ -52,13 +53,15 @@ class StepResult:
     Fields: loss (float, mean over ranks: the loss over the whole accumulated contrastive batch
     under exact accumulation, the mean of the micro-batch losses under independent), scale
     (``exp(logit_scale)`` the step trained with), grad_norm (global norm before clipping, None
-    if the engine cannot tell), lrs (group name -> learning rate of this step).
+    if the engine cannot tell), lrs (group name -> learning rate of this step), bias (the
+    logit bias the step trained with; None for a model without one).
     """
 
     loss: float
     scale: float
     grad_norm: float | None
     lrs: dict
+    bias: float | None = None
 
 
 @contextlib.contextmanager
@@ -93,6 +96,16 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
         torch.cuda.set_rng_state(cuda, device)
 
 
+def _item(t: torch.Tensor | None) -> float | None:
+    """A 0-d or (1,) tensor (DeepSpeed's promoted scalars) as a float."""
+    return None if t is None else float(t.detach().float().reshape(-1)[0])
+
+
+def _bias(out: tuple) -> torch.Tensor | None:
+    """The logit bias of a forward's output: its 4th entry, when the model has one."""
+    return out[3] if len(out) > 3 else None
+
+
 def _checked(engine, loss: torch.Tensor, step: int, last_checkpoint: str | None) -> float:
     value = engine.all_mean(loss)  # every rank sees the same value -> the same decision
     if not math.isfinite(value):
@@ -107,49 +120,57 @@ def independent_step(engine, micro: Sequence[dict], step: int, last_checkpoint: 
     Raises:
         NonFiniteLossError: a micro-batch's loss is NaN/inf (before its backward; no update).
     """
-    losses, scale = [], None
+    losses, out = [], None
     for b in micro:
-        img, txt, scale = engine.forward(b)
-        loss = engine.loss(img, txt, scale)
+        out = engine.forward(b)
+        loss = engine.loss(*out)
         losses.append(_checked(engine, loss, step, last_checkpoint))
         engine.backward(loss, mean_over_accum=True)
     lrs = engine.lrs()  # the rates this step trains with (step() advances the schedule)
     grad_norm = engine.step()
-    return StepResult(sum(losses) / len(losses), float(scale.detach().float().reshape(-1)[0]), grad_norm, lrs)
+    return StepResult(sum(losses) / len(losses), _item(out[2]), grad_norm, lrs, _item(_bias(out)))
 
 
-def cached_feature_gradients(engine, features: Sequence[tuple[torch.Tensor, torch.Tensor]], scale: torch.Tensor):
+def cached_feature_gradients(engine, features: Sequence[tuple[torch.Tensor, torch.Tensor]], scale: torch.Tensor,
+                             bias: torch.Tensor | None = None):
     """Loss over the concatenated micro-batch features and its gradients (step 2 of exact
     accumulation).
 
     Args:
         features: per micro-batch ``(image (B_k, E), text (B_k, E))`` features without autograd.
         scale: ``exp(logit_scale)`` of the first pass (0-d or ``(1,)``).
+        bias: the logit bias of the first pass (0-d or ``(1,)``), or None (no bias).
     Returns:
-        ``(loss, [(d_image_k, d_text_k)], d_scale)``: the 0-d loss (no graph), the float32
-        (float64 for float64 features) gradients split like ``features``, and the gradient for ``scale`` (its shape).
+        ``(loss, [(d_image_k, d_text_k)], d_scale, d_bias)``: the 0-d loss (no graph), the
+        float32 (float64 for float64 features) gradients split like ``features``, and the
+        gradients for ``scale`` and ``bias`` (their shapes; ``d_bias`` None without a bias).
     Raises:
-        ValueError: the loss does not depend differentiably on both features and the scale
-            (exact accumulation needs that gradient path).
+        ValueError: the loss does not depend differentiably on both features, the scale and
+            the bias (exact accumulation needs that gradient path).
     """
     img = _acc(torch.cat([f[0] for f in features])).requires_grad_(True)
     txt = _acc(torch.cat([f[1] for f in features])).requires_grad_(True)
     s = _acc(scale.detach()).requires_grad_(True)
+    leaves, names = [img, txt, s], ["image features", "text features", "logit scale"]
+    if bias is not None:
+        leaves.append(_acc(bias.detach()).requires_grad_(True))
+        names.append("logit bias")
     with torch.enable_grad():
-        loss = engine.loss(img, txt, s)
+        loss = engine.loss(*leaves)
         if not loss.requires_grad:
             raise ValueError(f"--accum-mode exact needs a loss differentiable in the features; "
                              f"{type(engine.loss_fn).__name__} returned a loss without a graph")
-        grads = torch.autograd.grad(loss, [img, txt, s], allow_unused=True)
-    missing = [n for n, g in zip(("image features", "text features", "logit scale"), grads) if g is None]
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    missing = [n for n, g in zip(names, grads) if g is None]
     if missing:
         raise ValueError(f"--accum-mode exact needs the loss's gradient with respect to the features; "
                          f"{type(engine.loss_fn).__name__} gives none for the {', '.join(missing)} "
                          "(use --accum-mode independent for such a loss)")
-    d_img, d_txt, d_s = grads
+    d_img, d_txt, d_s = grads[:3]
+    d_b = grads[3] if bias is not None else None
     sizes = [f[0].shape[0] for f in features]
     tsizes = [f[1].shape[0] for f in features]
-    return loss.detach(), list(zip(d_img.split(sizes), d_txt.split(tsizes))), d_s
+    return loss.detach(), list(zip(d_img.split(sizes), d_txt.split(tsizes))), d_s, d_b
 
 
 def exact_step(engine, micro: Sequence[dict], step: int, last_checkpoint: str | None = None) -> StepResult:
@@ -166,34 +187,39 @@ def exact_step(engine, micro: Sequence[dict], step: int, last_checkpoint: str | 
     # micro-batch 0 runs with autograd right away and keeps its graph through the cached
     # passes of the others: its backward needs no second forward (K - 1 recomputations, not K)
     live = engine.forward(micro[0])
-    scale = live[2]
+    scale, bias = live[2], _bias(live)
     features = [(_acc(live[0]).detach(), _acc(live[1]).detach())]
     rng = [None]
     with torch.no_grad(), frozen_batchnorm_stats(model):
         for b in micro[1:]:
             rng.append(_rng_state(device))
-            img, txt, _ = engine.forward(b)
-            features.append((_acc(img), _acc(txt)))
-    loss, grads, d_scale = cached_feature_gradients(engine, features, scale)
+            out = engine.forward(b)
+            features.append((_acc(out[0]), _acc(out[1])))
+            del out
+    loss, grads, d_scale, d_bias = cached_feature_gradients(engine, features, scale, bias)
     value = _checked(engine, loss, step, last_checkpoint)
     after = _rng_state(device)
     for i, (b, state, (g_img, g_txt)) in enumerate(zip(micro, rng, grads)):
         if i == 0:
-            img, txt, s = live
+            out = live
             live = None  # the graph is freed by this backward
         else:
             _set_rng_state(state, device)
-            img, txt, s = engine.forward(b)
+            out = engine.forward(b)
+        img, txt, s = out[:3]
         # <f, dL/df> has the gradient dL/df at f: backward of it is the chain rule's second half.
-        # The scale's term is split over the micro-batches so that every backward reaches the
-        # same parameters (DeepSpeed ZeRO expects that), summing to dL/ds once.
+        # The scale's (and the bias's) term is split over the micro-batches so that every
+        # backward reaches the same parameters (DeepSpeed ZeRO expects that), summing to dL/ds
+        # (dL/db) once.
         surrogate = ((_acc(img) * g_img).sum() + (_acc(txt) * g_txt).sum() + (_acc(s) * d_scale).sum() / k)
+        if d_bias is not None:
+            surrogate = surrogate + (_acc(out[3]) * d_bias).sum() / k
         engine.backward(surrogate, mean_over_accum=False)
-        del img, txt, s, surrogate
+        del out, img, txt, s, surrogate
     _set_rng_state(after, device)
     lrs = engine.lrs()
     grad_norm = engine.step()
-    return StepResult(value, float(scale.detach().float().reshape(-1)[0]), grad_norm, lrs)
+    return StepResult(value, _item(scale), grad_norm, lrs, _item(bias))
 
 
 def train_step(engine, micro: Sequence[dict], mode: str, step: int, last_checkpoint: str | None = None) -> StepResult:

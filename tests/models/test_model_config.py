@@ -23,6 +23,7 @@ def test_preset_round_trips_through_json(name):
     assert ModelConfig.from_dict(d) == cfg
     assert cfg.ln_eps == 1e-12 and cfg.act == "quick_gelu"
     assert math.isclose(cfg.logit_scale_init, math.log(1 / 0.07))
+    assert cfg.logit_bias_init is None  # CLIP: no logit bias parameter
     if name.endswith("tiny"):
         assert cfg.vision.image_size == 64 and cfg.vision.width <= 128 and cfg.text.width <= 128
         assert cfg.vision.layers == 4 and cfg.text.layers == 4 and cfg.grid_size in (4, 8)
@@ -57,6 +58,8 @@ def test_sharing_defaults():
     ({"vision": {"parallel_branch": True, "adapter_layers": [2, 4, 6, 8, 12]}}, "vision.adapter_layers"),
     ({"text": {"width": 512, "heads": 8}}, "text.width"),
     ({"text": {"context_length": -5}}, "text.context_length"),
+    ({"logit_bias_init": float("nan")}, "logit_bias_init"),
+    ({"logit_bias_init": "-10"}, "logit_bias_init"),
 ])
 def test_bad_field_raises_naming_it(override, field):
     with pytest.raises(ValueError) as e:

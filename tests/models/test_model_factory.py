@@ -30,10 +30,15 @@ def test_create_model_overrides():
         create_model("msclip-tiny", share=["x"])
 
 
-@pytest.mark.parametrize("name", ["msclip-s-tiny", "clip-tiny"])
-def test_load_model_round_trip(tmp_path, name):
+@pytest.mark.parametrize("name,overrides", [("msclip-s-tiny", {}), ("clip-tiny", {}),
+                                            ("clip-tiny", {"logit_bias_init": -10.0})],
+                         ids=["msclip-s", "clip", "bias"])
+def test_load_model_round_trip(tmp_path, name, overrides):
     torch.manual_seed(0)
-    model = create_model(name)
+    model = create_model(name, **overrides)
+    if model.logit_bias is not None:
+        with torch.no_grad():
+            model.logit_bias.fill_(-7.25)  # trained away from the init that config.json rebuilds
     model.train()
     images, tok = _inputs()
     model(images, tok)  # update BN running stats so the buffers matter
@@ -46,7 +51,9 @@ def test_load_model_round_trip(tmp_path, name):
         loaded = load_model(path)
         assert isinstance(loaded, MSCLIP) and not loaded.training
         assert loaded.config == model.config
-        for a, b in zip(loaded(images, tok), want):
+        got = loaded(images, tok)
+        assert len(got) == len(want) == (4 if overrides else 3)
+        for a, b in zip(got, want):
             assert torch.equal(a, b)
 
 
@@ -81,6 +88,21 @@ def test_official_layout_round_trip(tmp_path, name):
     images, tok = _inputs()
     for a, b in zip(load_model(tmp_path / "ck")(images, tok), model(images, tok)):
         assert torch.equal(a, b)
+
+
+def test_official_layout_logit_bias():
+    """The official code has no logit bias: it is exported under its own name, and an official
+    checkpoint without it leaves the model's value (a model without a bias ignores one)."""
+    model = create_model("clip-tiny", logit_bias_init=-10.0)
+    with torch.no_grad():
+        model.logit_bias.fill_(-4.0)
+    official = to_official_state_dict(model)
+    assert official["logit_bias"].item() == -4.0
+    assert from_official_state_dict(official, model)["logit_bias"].item() == -4.0
+    del official["logit_bias"]
+    fresh = create_model("clip-tiny", logit_bias_init=-10.0)
+    assert from_official_state_dict(official, fresh)["logit_bias"].item() == -10.0
+    assert "logit_bias" not in from_official_state_dict(to_official_state_dict(model), create_model("clip-tiny"))
 
 
 def test_official_names_of_msclip_s():

@@ -122,6 +122,27 @@ def test_logit_scale_clamp():
     assert scale.item() == 100.0
 
 
+def test_logit_bias_option():
+    """SigLIP's learned logit bias: a 0-d parameter only when configured, returned by the forward
+    as a 4th value (open_clip's convention), with a gradient and no weight decay."""
+    import math
+
+    import torch.nn.functional as F
+
+    plain = create_model("clip-tiny")
+    assert plain.logit_bias is None and "logit_bias" not in plain.state_dict()
+    assert len(plain(torch.randn(1, 3, 64, 64), _tokens(1))) == 3
+    model = create_model("clip-tiny", logit_scale_init=math.log(10), logit_bias_init=-10)
+    assert isinstance(model.logit_bias, torch.nn.Parameter) and model.logit_bias.dim() == 0
+    assert model.logit_bias.item() == -10.0 and model.state_dict()["logit_bias"].item() == -10.0
+    img, txt, scale, bias = model(torch.randn(2, 3, 64, 64), _tokens(2))
+    assert scale.item() == pytest.approx(10.0) and bias.dim() == 0 and bias.item() == -10.0
+    z = 2 * torch.eye(2) - 1
+    (-F.logsigmoid(z * (scale * img @ txt.T + bias)).sum() / 2).backward()
+    assert model.logit_bias.grad is not None and model.logit_bias.grad.item() != 0.0
+    assert "logit_bias" in model.no_weight_decay_names()
+
+
 def test_wrong_image_size_raises():
     with pytest.raises(ValueError, match="token grid"):
         create_model("msclip-tiny").encode_image(torch.randn(1, 3, 96, 96))

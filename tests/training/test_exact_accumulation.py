@@ -3,12 +3,13 @@ float64: K micro-batches give the loss and every gradient of one contrastive bat
 K x B pairs; BatchNorm statistics move once per micro-batch; both passes see the same features;
 a loss without a feature-gradient path and a non-finite loss are refused before any backward."""
 import logging
+import math
 
 import pytest
 import torch
 
 import msclip_fast as mf
-from msclip_fast.losses import ClipLoss
+from msclip_fast.losses import ClipLoss, SigLipLoss
 from msclip_fast.modules import text_lengths
 from msclip_fast.training import NonFiniteLossError, TrainConfig, exact_step, independent_step, train_step
 from msclip_fast.training.engine import TorchEngine
@@ -54,14 +55,19 @@ class _Grads:
         return 0.0
 
 
-def _engine(name: str, accum: int, *, seed: int = 0, **kw) -> TorchEngine:
+SIGLIP_INIT = {"logit_scale_init": math.log(10), "logit_bias_init": -10.0}  # train.py --loss siglip's
+
+
+def _engine(name: str, accum: int, *, seed: int = 0, loss: str = "clip", **kw) -> TorchEngine:
     torch.manual_seed(seed)
+    if loss == "siglip":
+        kw = {**SIGLIP_INIT, **kw}
     model = mf.create_model(name, vision={"image_size": PX}, **kw).double()
     with torch.no_grad():  # off the init point: zero-initialized parallel modules get gradients too
         g = torch.Generator().manual_seed(seed + 1)
         for p in model.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    cfg = TrainConfig(accum_steps=accum, grad_clip=0.0)
+    cfg = TrainConfig(accum_steps=accum, grad_clip=0.0, loss=loss)
     opt = create_optimizer(model, cfg)
     engine = TorchEngine(model, opt, create_scheduler(opt, 1, 10), cfg, torch.device("cpu"))
     model.train()
@@ -78,32 +84,42 @@ def _assert_grads_equal(got: dict, want: dict, rtol=1e-9, atol=1e-12):
         torch.testing.assert_close(got[n], want[n], rtol=rtol, atol=atol, msg=n)
 
 
-@pytest.mark.parametrize("name,checkpointing", [("clip-tiny", False), ("msclip-tiny", False), ("msclip-tiny", True)])
-def test_exact_k4_b8_equals_one_batch_of_32(name, checkpointing):
+@pytest.mark.parametrize("name,checkpointing,loss", [("clip-tiny", False, "clip"), ("msclip-tiny", False, "clip"),
+                                                     ("msclip-tiny", True, "clip"), ("msclip-tiny", False, "siglip")])
+def test_exact_k4_b8_equals_one_batch_of_32(name, checkpointing, loss):
+    """SigLIP too: its loss and the gradients of the scale and the learned logit bias over all
+    32 x 32 pairs (the bias's share of the cached-gradient surrogate is split over the K
+    backward passes like the scale's)."""
     g = torch.Generator().manual_seed(1)
     full = _batch(32, g)
-    big = _engine(name, 1)
+    big = _engine(name, 1, loss=loss)
     rec_big = _Grads(big)
     ref = independent_step(big, [full], step=1)
 
-    acc = _engine(name, 4)
+    acc = _engine(name, 4, loss=loss)
     acc.model.set_grad_checkpointing(checkpointing)
     rec_acc = _Grads(acc)
     got = exact_step(acc, _split(full, 4), step=1)
 
     assert got.loss == pytest.approx(ref.loss, rel=1e-12)
-    assert got.loss > 1.0  # ln(32) ~ 3.47 at init: the loss really spans all 32 pairs
+    assert got.loss > 1.0  # ln(32) ~ 3.47 (clip), ~10 (siglip) at init: the loss really spans all 32 pairs
     _assert_grads_equal(rec_acc.grads, rec_big.grads)
     assert rec_acc.grads["logit_scale"].abs() > 0
+    if loss == "siglip":
+        assert isinstance(acc.loss_fn, SigLipLoss)
+        assert rec_acc.grads["logit_bias"].abs() > 0 and got.bias == pytest.approx(ref.bias, rel=1e-12)
+    else:
+        assert "logit_bias" not in rec_acc.grads and got.bias is None
 
 
-def test_independent_accumulation_is_the_mean_of_separate_losses():
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_independent_accumulation_is_the_mean_of_separate_losses(loss):
     g = torch.Generator().manual_seed(2)
     micro = [_batch(4, g) for _ in range(3)]
-    eng = _engine("clip-tiny", 3)
+    eng = _engine("clip-tiny", 3, loss=loss)
     _Grads(eng)
     got = train_step(eng, micro, "independent", step=1)
-    loss_fn = ClipLoss()
+    loss_fn = SigLipLoss() if loss == "siglip" else ClipLoss()
     with torch.no_grad():
         want = [loss_fn(*eng.model(b["image"], b["text"], text_lengths=b["text_lengths"])).item() for b in micro]
     assert got.loss == pytest.approx(sum(want) / 3, rel=1e-12)

@@ -5,6 +5,8 @@
    do), gives the loss and every parameter gradient (``logit_scale`` included) of one process
    on the 16 samples, with and without ``local_loss``, for clip-tiny and msclip-tiny.
    ``independent_step`` on the same data must not (the comparison can tell the two apart).
+   ``--loss siglip`` (the engine's SigLipLoss, clip-tiny, exact): loss and every gradient,
+   ``logit_bias`` included, of the one-process SigLipLoss on the 16 samples.
 2. Through the real ``deepspeed`` launcher, ZeRO-2 fp32, ``--accum-steps 2 --batch-size 4`` on
    2 ranks: loss curve, step-1 pre-clip grad norm and step-1 weights equal the plain engine's
    ``--batch-size 16`` run.
@@ -23,6 +25,7 @@ invariant to a joint permutation of its pairs, so the rank-order concatenation g
 loss.
 """
 import json
+import math
 import os
 import socket
 import sys
@@ -73,23 +76,26 @@ def _rank_micro(batch, rank):
     return [_select(batch, torch.tensor(mine[k * B:(k + 1) * B])) for k in range(K)]
 
 
-def _model(name):
+SIGLIP_INIT = {"logit_scale_init": math.log(10), "logit_bias_init": -10.0}  # train.py --loss siglip's
+
+
+def _model(name, loss="clip"):
     import msclip_fast as mf
 
     torch.manual_seed(SEED)  # the same init on every rank and in the reference
-    model = mf.create_model(name).double()
+    model = mf.create_model(name, **(SIGLIP_INIT if loss == "siglip" else {})).double()
     model.train()
     return model
 
 
-def _engine(model, rank, world_size, local_loss):
+def _engine(model, rank, world_size, local_loss, loss="clip"):
     """A TorchEngine on rank ``rank`` of ``world_size`` whose step() averages .grad over ranks
     (DDP / DeepSpeed) and records it instead of updating."""
     import torch.distributed as dist
 
     from msclip_fast.losses import ClipLoss
     from msclip_fast.training.config import TrainConfig
-    from msclip_fast.training.engine import TorchEngine
+    from msclip_fast.training.engine import TorchEngine, make_loss
 
     class RankEngine(TorchEngine):
         def step(self):
@@ -102,25 +108,27 @@ def _engine(model, rank, world_size, local_loss):
             self.optimizer.zero_grad(set_to_none=True)
             return float(torch.sqrt(sum((g * g).sum() for g in grads.values())))
 
-    cfg = TrainConfig(accum_steps=K, local_loss=local_loss, world_size=world_size)
+    cfg = TrainConfig(accum_steps=K, local_loss=local_loss, world_size=world_size, loss=loss)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     eng = RankEngine(model, opt, sched, cfg, torch.device("cpu"))
     eng.rank, eng.world_size = rank, world_size
-    eng.loss_fn = ClipLoss(local_loss=local_loss, gather_with_grad=True, rank=rank, world_size=world_size)
+    eng.loss_fn = make_loss(cfg, rank, world_size)
+    assert loss == "siglip" or isinstance(eng.loss_fn, ClipLoss)
     eng.recorded = []
     return eng
 
 
-def _reference(name, batch):
-    """One process, fused world-1 ClipLoss on all 16 samples: (loss, {param: grad})."""
-    from msclip_fast.losses import ClipLoss
+def _reference(name, batch, loss_name="clip"):
+    """One process, fused world-1 ClipLoss (or SigLipLoss) on all 16 samples: (loss, {param: grad})."""
+    from msclip_fast.losses import ClipLoss, SigLipLoss
 
-    model = _model(name)
-    img, txt, scale = model(batch["image"], batch["text"], text_lengths=batch["text_lengths"])
-    loss = ClipLoss()(img, txt, scale)
+    model = _model(name, loss_name)
+    out = model(batch["image"], batch["text"], text_lengths=batch["text_lengths"])
+    loss = (SigLipLoss() if loss_name == "siglip" else ClipLoss())(*out)
     loss.backward()
-    return float(loss.detach()), {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+    grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+    return float(loss.detach()), grads
 
 
 def _grad_mismatch(got, ref):
@@ -164,7 +172,16 @@ def _rank_worker(rank, port, out_path):
                             "ref_logit_scale_grad": float(ref_grads["logit_scale"]),
                             "grad_mismatch": _grad_mismatch(grads, ref_grads),
                         }
+        ref = _reference("clip-tiny", batch, "siglip") if rank == 0 else None
+        eng = _engine(_model("clip-tiny", "siglip"), rank, WORLD, False, loss="siglip")
+        result = exact_step(eng, micro, step=1)
+        (grads,) = eng.recorded
         if rank == 0:
+            ref_loss, ref_grads = ref
+            report["siglip"] = {"loss": result.loss, "ref_loss": ref_loss,
+                                "grad_mismatch": _grad_mismatch(grads, ref_grads),
+                                "logit_bias_grad": float(grads["logit_bias"]),
+                                "ref_logit_bias_grad": float(ref_grads["logit_bias"])}
             torch.save(report, out_path)
         dist.barrier()  # tear gloo down together
     finally:
@@ -215,6 +232,14 @@ def test_two_rank_exact_step_equals_full_batch_fp64(two_rank_report, name, local
     assert r["grad_norm"] == pytest.approx(r["ref_grad_norm"], rel=1e-9)
     assert r["logit_scale_grad"] == pytest.approx(r["ref_logit_scale_grad"], rel=1e-9, abs=1e-12)
     assert r["logit_scale_grad"] != 0.0
+
+
+@pytest.mark.slow
+def test_two_rank_exact_siglip_equals_full_batch_fp64(two_rank_report):
+    r = two_rank_report["siglip"]
+    assert r["loss"] == pytest.approx(r["ref_loss"], rel=1e-12)
+    assert r["grad_mismatch"] is None, r["grad_mismatch"]
+    assert r["logit_bias_grad"] == pytest.approx(r["ref_logit_bias_grad"], rel=1e-9) and r["logit_bias_grad"] != 0.0
 
 
 @pytest.mark.slow

@@ -29,6 +29,12 @@ def test_groups_partition_trainable_params(model):
     assert "logit_scale" in by_name["no_decay"]["param_names"]
 
 
+def test_logit_bias_gets_no_weight_decay():
+    m = mf.create_model("clip-tiny", logit_bias_init=-10.0)
+    (group,) = [g for g in param_groups(m, 1e-3, 0.2, 1e-3, 0.2) if "logit_bias" in g["param_names"]]
+    assert group["name"] == "no_decay" and group["weight_decay"] == 0.0
+
+
 def test_locked_tower_is_left_out():
     m = mf.create_model("msclip-tiny")
     m.lock_image_tower()

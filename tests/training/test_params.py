@@ -17,12 +17,24 @@ def test_defaults_and_aliases(tmp_path):
     assert a.packed is None
     assert parse_args(["--train-data", "x", "--no-packed"]).packed is False
     assert parse_args(["--train-data", "x", "--resume", "auto", "--output", "r"]).resume == "r"
+    assert (a.loss, a.logit_scale_init, a.logit_bias_init) == ("clip", None, None)  # the preset's init
+
+
+def test_siglip_init_defaults_and_overrides():
+    import math
+
+    a = parse_args(["--train-data", "x", "--loss", "siglip"])
+    assert a.logit_scale_init == pytest.approx(math.log(10)) and a.logit_bias_init == -10.0
+    a = parse_args(["--train-data", "x", "--loss", "siglip", "--logit-scale-init", "1.5", "--logit-bias-init", "none"])
+    assert (a.logit_scale_init, a.logit_bias_init) == (1.5, "none")
+    assert parse_args(["--train-data", "x", "--logit-bias-init", "-3"]).logit_bias_init == -3.0
 
 
 @pytest.mark.parametrize("flags, field", [
     (["--batch-size", "0"], "--batch-size"), (["--accum-steps", "0"], "--accum-steps"),
     (["--max-steps", "0"], "--max-steps"), (["--grad-clip", "-1"], "--grad-clip"),
     (["--warmup", "-1"], "--warmup"), (["--lock-image", "--lock-text"], "--lock-image"),
+    (["--loss", "siglip", "--local-loss"], "--local-loss"), (["--logit-bias-init", "inf"], "--logit-bias-init"),
 ])
 def test_bad_values_name_the_flag(flags, field):
     with pytest.raises(ValueError, match=field):
@@ -37,7 +49,7 @@ def test_train_data_required():
 def test_train_py_help():
     out = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    for flag in ("--ds_config", "--max-steps", "--lr-share", "--lock-image", "--precision", "--resume"):
+    for flag in ("--ds_config", "--max-steps", "--lr-share", "--lock-image", "--precision", "--resume", "--loss"):
         assert flag in out.stdout
 
 

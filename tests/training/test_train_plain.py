@@ -30,29 +30,49 @@ def test_one_step_every_tiny_preset(name, digits_shards, tmp_path, train_args):
     assert not model.training
 
 
-def test_resume_gives_identical_losses(digits_shards, tmp_path, train_args):
+@pytest.mark.parametrize("loss,steps", [("clip", 6), ("siglip", 4)])
+def test_resume_gives_identical_losses(digits_shards, tmp_path, train_args, loss, steps):
     """Resume after exact K=2 accumulation (the default mode) continues the identical curve:
-    checkpoints sit at step boundaries, so a resume never lands inside an accumulated step."""
+    checkpoints sit at step boundaries, so a resume never lands inside an accumulated step.
+    --loss siglip: the learned logit bias trains, is logged, checkpointed 0-d and resumed, and
+    a resume under the other --loss is refused."""
     full, part = tmp_path / "full", tmp_path / "part"
-    extra = ["--accum-steps", "2", "--lr-share", "1e-4"]
-    main(train_args(digits_shards, full, "--max-steps", "6", *extra, batch=4))
-    main(train_args(digits_shards, part, "--max-steps", "3", *extra, batch=4))
-    main(train_args(digits_shards, part, "--max-steps", "6", "--resume", str(part), *extra, batch=4))
+    extra = ["--accum-steps", "2", "--lr-share", "1e-4", "--loss", loss]
+    half = steps // 2
+    main(train_args(digits_shards, full, "--max-steps", str(steps), *extra, batch=4))
+    main(train_args(digits_shards, part, "--max-steps", str(half), *extra, batch=4))
+    if loss == "siglip":
+        with pytest.raises(ValueError, match="loss='siglip'.*loss='clip'.*--loss"):
+            main(train_args(digits_shards, part, "--max-steps", str(steps), "--resume", str(part), "--accum-steps",
+                            "2", batch=4))
+    main(train_args(digits_shards, part, "--max-steps", str(steps), "--resume", str(part), *extra, batch=4))
     a, b = _rows(full), _rows(part)
-    assert [r["step"] for r in b] == list(range(1, 7))
+    assert [r["step"] for r in b] == list(range(1, steps + 1))
     # Equal up to fp32 rounding: two identical uninterrupted runs already differ in the last
     # bit here (the CPU BLAS is not bitwise reproducible across calls), so a bit-exact check
     # would test the BLAS, not the resume; a wrong data position or RNG state moves the loss
     # by far more than 1e-5.
     torch.testing.assert_close([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-5, atol=0)
     assert [r["lr_share"] for r in a] == [r["lr_share"] for r in b]
-    sa = torch.load(full / "checkpoints" / "step_00000006" / "model.pt")
-    sb = torch.load(part / "checkpoints" / "step_00000006" / "model.pt")
+    sa = torch.load(full / "checkpoints" / f"step_{steps:08d}" / "model.pt")
+    sb = torch.load(part / "checkpoints" / f"step_{steps:08d}" / "model.pt")
     assert sa.keys() == sb.keys()
     for k in sa:
         torch.testing.assert_close(sb[k], sa[k], rtol=1e-4, atol=1e-6, msg=k)
-    meta = json.loads((part / "checkpoints" / "step_00000003" / "meta.json").read_text())
-    assert (meta["step"], meta["epoch"], meta["batch"]) == (3, 0, 6)
+    meta = json.loads((part / "checkpoints" / f"step_{half:08d}" / "meta.json").read_text())
+    assert (meta["step"], meta["epoch"], meta["batch"], meta["loss"]) == (half, 0, 2 * half, loss)
+    assert json.loads((part / "summary.json").read_text())["loss"] == loss
+    assert all(math.isfinite(r["loss"]) for r in a)
+    if loss == "siglip":
+        # the positives' terms (~10 each at scale 10, bias -10) fall fast in the first steps
+        assert a[-1]["loss"] < 0.8 * a[0]["loss"]
+        assert a[0]["scale"] == pytest.approx(10.0) and a[0]["logit_bias"] == pytest.approx(-10.0)
+        torch.testing.assert_close([r["logit_bias"] for r in b], [r["logit_bias"] for r in a], rtol=1e-5, atol=0)
+        assert sb["logit_bias"].dim() == 0 and sb["logit_bias"].item() != -10.0  # trained, stored 0-d
+        model = mf.load_model(part)
+        assert model.logit_bias.item() == sb["logit_bias"].item() and model.config.logit_bias_init == -10.0
+    else:
+        assert "logit_bias" not in sa and "logit_bias" not in a[0]
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoint(digits_shards, tmp_path, train_args, monkeypatch):

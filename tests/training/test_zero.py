@@ -4,7 +4,10 @@ Each stage trains msclip-tiny (shared attention+FFN) for 3 steps with 4 samples 
 2 micro-batches of 2, exact accumulation, activation checkpointing, and a resume after step 2);
 the loss curve must equal the single-process plain-PyTorch run with 8 samples per step (the
 loader deals sample i of the epoch to rank i % world_size, and the gathered ClipLoss is the
-full-batch loss, so the two runs see the same global batches).
+full-batch loss, so the two runs see the same global batches). ZeRO-2 trains with --loss siglip
+and exact accumulation (2 micro-batches of 2): the mean over ranks of SigLipLoss (each rank's
+images against all texts) is the full-batch loss, and the learned logit bias goes through
+DeepSpeed (promoted to (1,), gradients partitioned) and back to 0-d in model.pt.
 """
 import json
 from pathlib import Path
@@ -20,18 +23,26 @@ from _ds_launch import launch as _launch, losses as _losses
 pytestmark = pytest.mark.slow
 
 
+def _plain(digits_shards, run, *extra):
+    main(["--model", "msclip-tiny", "--train-data", str(digits_shards / "train"), "--batch-size", "8",
+          "--warmup", "2", "--no-progress", "--output", str(run), "--max-steps", "3", *extra])
+    return _losses(run)
+
+
 @pytest.fixture(scope="module")
 def reference(digits_shards, tmp_path_factory):
-    run = tmp_path_factory.mktemp("plain")
-    main(["--model", "msclip-tiny", "--train-data", str(digits_shards / "train"), "--batch-size", "8",
-          "--warmup", "2", "--no-progress", "--output", str(run), "--max-steps", "3"])
-    return _losses(run)
+    return {"clip": _plain(digits_shards, tmp_path_factory.mktemp("plain")),
+            "siglip": _plain(digits_shards, tmp_path_factory.mktemp("plain_siglip"), "--loss", "siglip")}
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_zero_stage_matches_single_process(stage, digits_shards, tmp_path, reference, train_args):
     run = tmp_path / f"zero{stage}"
+    loss = "siglip" if stage == 2 else "clip"
     args = train_args(digits_shards, run, "--ds_config", f"configs/ds/zero{stage}.json", batch=4)
+    if stage == 2:
+        args = train_args(digits_shards, run, "--ds_config", f"configs/ds/zero{stage}.json", "--accum-steps", "2",
+                          "--loss", "siglip", batch=2)
     if stage == 3:
         # also DeepSpeed checkpoint + resume (2 steps, then resume to 3), exact accumulation and
         # activation checkpointing: 2 micro-batches of 2 per rank are the same 8 pairs per loss
@@ -43,17 +54,22 @@ def test_zero_stage_matches_single_process(stage, digits_shards, tmp_path, refer
     print(f"ZeRO-{stage}: {wall:.1f}s")
     losses = _losses(run)
     assert len(losses) == 3
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference[loss]), rtol=1e-5, atol=1e-6)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["zero_stage"] == stage and summary["world_size"] == 2 and summary["status"] == "finished"
+    assert summary["loss"] == loss
     ckpt = run / "checkpoints" / "step_00000003"
     assert (ckpt / "deepspeed").is_dir() and (ckpt / "rng_rank1.pt").is_file()
     sd = torch.load(ckpt / "model.pt")
     assert all(v.dtype == torch.float32 for v in sd.values() if v.is_floating_point())
     assert sd["logit_scale"].dim() == 0
     model = mf.load_model(run)  # consolidated weights load without DeepSpeed
-    assert model.logit_scale.exp().item() == pytest.approx(json.loads(
-        (run / "metrics.jsonl").read_text().splitlines()[-1])["scale"], rel=1e-3)
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert model.logit_scale.exp().item() == pytest.approx(last["scale"], rel=1e-3)
+    if loss == "siglip":
+        assert sd["logit_bias"].dim() == 0 and sd["logit_bias"].item() != -10.0
+        # the logged bias is the one step 3 trained with, model.pt holds it after that update
+        assert model.logit_bias.item() == pytest.approx(last["logit_bias"], abs=2e-3)
 
 
 def test_zero2_bf16_accumulation(digits_shards, tmp_path, train_args):
