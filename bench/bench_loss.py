@@ -1,5 +1,9 @@
-"""Benchmark of the contrastive loss: time and peak memory of forward+backward, after a check
+"""Benchmark of the contrastive losses: time and peak memory of forward+backward, after a check
 that every implementation computes the right thing.
+
+``--loss clip`` (default) times the symmetric InfoNCE loss (CLIP), ``--loss siglip`` the sigmoid
+loss of SigLIP (Zhai et al. 2023); the rest of this text describes clip, siglip differs as said
+at its end.
 
 Compares, in one run and on the same inputs (N x D features in --dtype, L2-normalized, scale 100):
   fused      msclip_fast.ops.contrastive_loss(backend="cpu" or "cuda"): the _C extension
@@ -33,11 +37,21 @@ naming each failing implementation and its error; 0 otherwise.
     python bench/bench_loss.py --device cuda --dtype bf16 --sizes 8192,32768 --timeout 60 --json out.json
     python bench/bench_loss.py --device cpu --sizes 256,512 --timeout 60 --json /tmp/loss.json   # dry run
 
+--loss siglip: the same implementation names, for ``ops.sigmoid_loss`` (fused: backend "cpu" or
+"cuda"; triton: backend "triton"), ``ops.sigmoid_loss_ref`` and open_clip's SigLipLoss;
+LABEL=MODULE:FUNCTION is ``fn(img, txt, scale, bias) -> loss``. Scale 10 and bias -10 (SigLIP's
+initialization); the check also compares the bias gradient. The JSON's ``benchmark`` is
+"siglip", its headline keys start with ``siglip_``, and every row carries ``beyond_grads_mib``:
+the peak less the image/text gradients (2 x N x D elements), i.e. what the loss itself holds.
+
+    python bench/bench_loss.py --loss siglip --sizes 4096,8192,16384,32768 --json bench/results/siglip-cpu-fp32.json
+
 ``python -m bench.report`` turns the JSON into bench/RESULTS.md (schema: bench/report.py).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -56,8 +70,26 @@ PEERS = ("open_clip", "reference")
 DTYPES = ("fp32", "bf16", "fp16")
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-3, "bf16": 1.6e-2}  # DESIGN §7, matmul-based ops
 SCALE = 100.0
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
-# One (implementation, N) in a fresh process. argv: spec n d device dtype repeats check_n
+
+@dataclasses.dataclass(frozen=True)
+class Loss:
+    """What ``--loss`` changes: the JSON's benchmark name and headline prefix, and the logits'
+    scale and bias (the child's arguments)."""
+    benchmark: str
+    scale: float
+    bias: float | None
+
+
+LOSSES = {
+    "clip": Loss("loss", SCALE, None),
+    # SigLIP's initialization (Zhai et al. 2023, section 3.3): scale exp(log 10), bias -10
+    "siglip": Loss("siglip", 10.0, -10.0),
+}
+
+# One (implementation, N) in a fresh process. argv: spec n d device dtype repeats check_n loss
+# scale [bias]
 # (check_n 0: no check; n 0: no timing). Prints one JSON line: {"time_s", "peak_mib"} and/or
 # {"check": {...}}. Timing runs first (so the check does not raise the memory baseline), the
 # check after it; the parent asks for the check before timing any larger size.
@@ -66,6 +98,7 @@ import importlib, importlib.util, json, sys, time
 import torch
 import torch.nn.functional as F
 spec, n, d, device, dtype_name, repeats, check_n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], int(sys.argv[6]), int(sys.argv[7])
+loss_name, params = sys.argv[8], tuple(float(x) for x in sys.argv[9:])
 dtype = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}[dtype_name]
 from msclip_fast import ops
 
@@ -85,16 +118,30 @@ def load_open_clip_loss():
     except Exception:
         return importlib.import_module('open_clip.loss')
 
-if spec == 'fused':
-    fn = lambda a, b, s: ops.contrastive_loss(a, b, s, backend='cuda' if device == 'cuda' else 'cpu')
-elif spec == 'triton':
-    fn = lambda a, b, s: ops.contrastive_loss(a, b, s, backend='triton')
-elif spec == 'reference':
-    fn = ops.contrastive_loss_ref
-elif spec == 'open_clip':
-    loss_mod = load_open_clip_loss().ClipLoss()
-    fn = lambda a, b, s: loss_mod(a, b, s)
+backend = 'cuda' if device == 'cuda' else 'cpu'
+if loss_name == 'siglip':
+    ref_fn, names = ops.sigmoid_loss_ref, ('loss', 'grad_img', 'grad_txt', 'grad_scale', 'grad_bias')
+    if spec == 'fused':
+        fn = lambda a, b, s, t: ops.sigmoid_loss(a, b, s, t, backend=backend)
+    elif spec == 'triton':
+        fn = lambda a, b, s, t: ops.sigmoid_loss(a, b, s, t, backend='triton')
+    elif spec == 'reference':
+        fn = ops.sigmoid_loss_ref
+    elif spec == 'open_clip':
+        loss_mod = load_open_clip_loss().SigLipLoss()
+        fn = lambda a, b, s, t: loss_mod(a, b, s, t)
 else:
+    ref_fn, names = ops.contrastive_loss_ref, ('loss', 'grad_img', 'grad_txt', 'grad_scale')
+    if spec == 'fused':
+        fn = lambda a, b, s: ops.contrastive_loss(a, b, s, backend=backend)
+    elif spec == 'triton':
+        fn = lambda a, b, s: ops.contrastive_loss(a, b, s, backend='triton')
+    elif spec == 'reference':
+        fn = ops.contrastive_loss_ref
+    elif spec == 'open_clip':
+        loss_mod = load_open_clip_loss().ClipLoss()
+        fn = lambda a, b, s: loss_mod(a, b, s)
+if spec not in ('fused', 'triton', 'reference', 'open_clip'):
     module, _, attr = spec.partition(':')
     fn = getattr(importlib.import_module(module), attr)
 
@@ -104,19 +151,22 @@ def features(n, seed):
     txt = F.normalize(torch.randn(n, d, generator=g), dim=-1).to(dtype)
     return img, txt
 
-def step(a, b, s, f=None):
-    a = a.detach().requires_grad_(); b = b.detach().requires_grad_(); s = s.detach().requires_grad_()
-    loss = (f or fn)(a, b, s)
+def scalars(device, dt=torch.float32):
+    return [torch.tensor(v, device=device, dtype=dt) for v in params]
+
+def step(a, b, ps, f=None):
+    a = a.detach().requires_grad_(); b = b.detach().requires_grad_(); ps = [p.detach().requires_grad_() for p in ps]
+    loss = (f or fn)(a, b, *ps)
     loss.backward()
-    return loss.detach(), a.grad, b.grad, s.grad
+    return (loss.detach(), a.grad, b.grad, *(p.grad for p in ps))
 
 sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
 out = {}
 if n > 0:
     img, txt = (t.to(device) for t in features(n, 0))
-    scale = torch.tensor(100.0, device=device)
+    ps = scalars(device)
     # warm-up: BLAS/OpenMP/CUDA context; on CUDA at the full size (kernel compiles, allocator)
-    step(img, txt, scale) if device == 'cuda' else step(img[:256], txt[:256], scale)
+    step(img, txt, ps) if device == 'cuda' else step(img[:256], txt[:256], ps)
     times = []
     for r in range(repeats):
         if device == 'cuda':
@@ -124,7 +174,7 @@ if n > 0:
         else:
             base = status('VmRSS:'); open('/proc/self/clear_refs', 'w').write('5')
         sync(); t = time.perf_counter()
-        res = step(img, txt, scale)
+        res = step(img, txt, ps)
         sync(); times.append(time.perf_counter() - t)
         peak = (torch.cuda.max_memory_allocated() if device == 'cuda' else status('VmHWM:')) - base
         del res
@@ -132,9 +182,9 @@ if n > 0:
     del img, txt
 if check_n > 0:
     img, txt = features(check_n, 1)  # rounded to dtype; the float64 reference sees the same values
-    scale = torch.tensor(100.0)
-    ref = step(img.double(), txt.double(), scale.double(), ops.contrastive_loss_ref)  # float64
-    got = step(img.to(device), txt.to(device), scale.to(device))
+    ps = scalars('cpu')
+    ref = step(img.double(), txt.double(), [p.double() for p in ps], ref_fn)  # float64
+    got = step(img.to(device), txt.to(device), [p.to(device) for p in ps])
     def rel(x, r):
         if x is None:
             return float('inf')
@@ -142,7 +192,7 @@ if check_n > 0:
         den = r.norm().item()
         err = (x - r).norm().item()
         return err / den if den > 0 else err
-    errs = {k: rel(x, r) for k, x, r in zip(('loss', 'grad_img', 'grad_txt', 'grad_scale'), got, ref)}
+    errs = {k: rel(x, r) for k, x, r in zip(names, got, ref)}
     out['check'] = {'n': check_n, 'loss': got[0].double().item(), 'ref_loss': ref[0].item(),
                     **{k + '_rel_err': v for k, v in errs.items()}}
 print(json.dumps(out))
@@ -151,7 +201,8 @@ print(json.dumps(out))
 
 def parse_impls(text: str) -> list[tuple[str, str]]:
     """``fused,reference,bad=pkg.mod:fn`` -> [(label, spec)]: builtin names, or ``LABEL=MODULE:FN``
-    / ``MODULE:FN`` (label FN) for an importable ``fn(img, txt, scale) -> loss``."""
+    / ``MODULE:FN`` (label FN) for an importable ``fn(img, txt, scale) -> loss`` (siglip:
+    ``fn(img, txt, scale, bias)``)."""
     out = []
     for item in (s.strip() for s in text.split(",")):
         if not item:
@@ -171,8 +222,10 @@ def parse_impls(text: str) -> list[tuple[str, str]]:
     return out
 
 
-def unavailable(spec: str, device: str) -> str | None:
+def unavailable(spec: str, device: str, loss: str = "clip") -> str | None:
     """Why builtin implementation ``spec`` cannot run on this machine (None: it can)."""
+    if loss == "siglip":
+        return _siglip_unavailable(spec, device)
     if spec == "fused":
         from msclip_fast.ops import contrastive_fused as cf
 
@@ -189,17 +242,35 @@ def unavailable(spec: str, device: str) -> str | None:
     return None
 
 
+def _siglip_unavailable(spec: str, device: str) -> str | None:
+    if spec in ("fused", "triton"):
+        if spec == "triton" and device != "cuda":
+            return "Triton runs CPU tensors only in its interpreter (a correctness tool, not timed)"
+        from msclip_fast import ops
+
+        name = {"fused": "cuda" if device == "cuda" else "cpu", "triton": "triton"}[spec]
+        status = ops.sigmoid_loss.op.status()
+        if name not in status:  # a backend still being written is "not run", not a failure of the run
+            return f"sigmoid_loss has no {name!r} backend registered (backends: {', '.join(status)})"
+        return "; ".join(status[name]) or None
+    if spec == "open_clip" and not _common.installed("open_clip"):
+        return "open_clip is not installed"
+    return None
+
+
 def child_env() -> dict:
     """Environment of the child processes: OpenMP threads sleep when idle unless the caller
     says otherwise (spinning threads on shared cores slow a CPU run by an order of magnitude)."""
     return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "passive")}
 
 
-def run_child(spec, n, d, device, dtype, repeats, check_n, timeout) -> dict:
+def run_child(spec, n, d, device, dtype, repeats, check_n, timeout, loss: str = "clip") -> dict:
     """Run one child; returns its JSON, or {"error": ...} (raised, crashed, timed out)."""
     env = dict(os.environ, **child_env())
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    cmd = [sys.executable, "-c", _CHILD, spec, str(n), str(d), device, dtype, str(repeats), str(check_n)]
+    params = [LOSSES[loss].scale] + ([] if LOSSES[loss].bias is None else [LOSSES[loss].bias])
+    cmd = [sys.executable, "-c", _CHILD, spec, str(n), str(d), device, dtype, str(repeats), str(check_n), loss,
+           *map(repr, params)]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     except subprocess.TimeoutExpired:
@@ -216,7 +287,20 @@ def run_child(spec, n, d, device, dtype, repeats, check_n, timeout) -> dict:
         return {"error": f"no result line in the child's output: {out.stdout[-200:]!r}"}
 
 
-def naive_bytes(n: int) -> int:
+# N x N fp32 buffers at the peak of forward+backward of the siglip peers. Measured with this
+# script (CPU, fp32, D=512, peak RSS over the inputs / 4 N^2): open_clip's SigLipLoss 5.2 at
+# N=4096 and 5.1 at 8192: its forward holds the logits, the +-1 labels, their product and
+# logsigmoid's output and CPU buffer at once (building the labels from ones + 2 * eye peaks at 4);
+# the backward, with the logits freed, never holds more. The reference 6.0 at both: it also keeps
+# the unscaled logits that the scale's gradient needs. Rounded up (a margin for the allocator and
+# the N x D terms), so a size that runs fits. Small N reads higher (8.4 at N=2048, where glibc
+# serves 16 MiB buffers from its heap rather than mmap), but no small N comes near the limit.
+SIGLIP_NAIVE_BUFFERS = {"open_clip": 6, "reference": 7}
+
+
+def naive_bytes(n: int, loss: str = "clip", spec: str = "reference") -> int:
+    if loss == "siglip":
+        return SIGLIP_NAIVE_BUFFERS.get(spec, max(SIGLIP_NAIVE_BUFFERS.values())) * 4 * n * n
     # logits, two softmax outputs / their gradients: about four N x N fp32 buffers at the peak
     return 4 * 4 * n * n
 
@@ -246,6 +330,8 @@ def check_result(label: str, dtype: str, res: dict) -> dict:
                 "stderr_tail": res.get("stderr_tail")}
     c = res["check"]
     errs = {k: c[k] for k in ("loss_rel_err", "grad_img_rel_err", "grad_txt_rel_err", "grad_scale_rel_err")}
+    if "grad_bias_rel_err" in c:  # siglip
+        errs["grad_bias_rel_err"] = c["grad_bias_rel_err"]
     worst = max(v if v == v else float("inf") for v in errs.values())  # NaN counts as the worst
     row = {"impl": label, "n": c["n"], "tol": tol, **{k: _common.finite(v) for k, v in errs.items()},
            "max_rel_err": _common.finite(worst), "loss": _common.finite(c["loss"]),
@@ -259,10 +345,13 @@ def check_result(label: str, dtype: str, res: dict) -> dict:
     return row
 
 
-def headline(rows: list[dict], checks: list[dict]) -> dict:
+def headline(rows: list[dict], checks: list[dict], loss: str = "clip") -> dict:
     """Ratios at the largest N where both sides were measured: ``loss_<ours>_vs_<peer>_time_N<n>``
     = peer time / ours, ``..._mem_N<n>`` = peer peak MiB / ours (> 1: ours better); plus
-    ``loss_<impl>_max_rel_err`` from the check."""
+    ``loss_<impl>_max_rel_err`` from the check. siglip: the prefix is ``siglip_``, and it adds
+    ``siglip_<ours>_vs_<peer>_time_min`` (the smallest time ratio over every N both ran: the goal
+    is faster at every N) and ``siglip_<ours>_beyond_grads_mib_N<n>`` at ours' largest N."""
+    prefix = LOSSES[loss].benchmark
     ok = {(r["impl"], r["n"]): r for r in rows if r["status"] == "ok"}
     out = {}
     for ours in OURS:
@@ -272,18 +361,29 @@ def headline(rows: list[dict], checks: list[dict]) -> dict:
                 continue
             n = common[-1]
             a, b = ok[(ours, n)], ok[(peer, n)]
-            out[f"loss_{ours}_vs_{peer}_time_N{n}"] = round(b["time_s"] / a["time_s"], 3)
+            out[f"{prefix}_{ours}_vs_{peer}_time_N{n}"] = round(b["time_s"] / a["time_s"], 3)
             if a["peak_mib"] and a["peak_mib"] > 0 and b["peak_mib"] is not None:
-                out[f"loss_{ours}_vs_{peer}_mem_N{n}"] = round(b["peak_mib"] / a["peak_mib"], 2)
+                out[f"{prefix}_{ours}_vs_{peer}_mem_N{n}"] = round(b["peak_mib"] / a["peak_mib"], 2)
+            if loss == "siglip":
+                out[f"{prefix}_{ours}_vs_{peer}_time_min"] = round(
+                    min(ok[(peer, m)]["time_s"] / ok[(ours, m)]["time_s"] for m in common), 3)
+    if loss == "siglip":
+        for ours in OURS:
+            mine = sorted(n for (i, n) in ok if i == ours and ok[(i, n)].get("beyond_grads_mib") is not None)
+            if mine:
+                n = mine[-1]
+                out[f"{prefix}_{ours}_beyond_grads_mib_N{n}"] = round(ok[(ours, n)]["beyond_grads_mib"], 1)
     for c in checks:
         if c.get("max_rel_err") is not None:
-            out[f"loss_{c['impl']}_max_rel_err"] = float(f"{c['max_rel_err']:.3g}")
+            out[f"{prefix}_{c['impl']}_max_rel_err"] = float(f"{c['max_rel_err']:.3g}")
     return out
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--loss", default="clip", choices=sorted(LOSSES),
+                   help="clip: symmetric InfoNCE (default); siglip: SigLIP's sigmoid loss")
     p.add_argument("--sizes", default="4096,8192,16384,32768,65536", help="comma-separated N")
     p.add_argument("--dim", type=int, default=512, help="feature width D (default: 512)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
@@ -319,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = _common.run_meta(device, "bench/bench_loss.py", sys.argv[1:] if argv is None else argv)
     limit = args.max_mem_gib if args.max_mem_gib is not None else memory_limit_gib(device)
     t_start = time.perf_counter()
+    loss = LOSSES[args.loss]
 
     rows, checks, not_run, failures = [], [], {}, []
 
@@ -335,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
                                              f" ({reason})"), flush=True)
 
     for label, spec in impls:
-        why = unavailable(spec, device) if spec in BUILTIN else None
+        why = unavailable(spec, device, args.loss) if spec in BUILTIN else None
         if why:
             not_run[label] = why
             for n in sizes:
@@ -347,9 +448,10 @@ def main(argv: list[str] | None = None) -> int:
         pending = list(sizes)
         if args.check_n:
             timed_n = args.check_n if args.check_n in pending else 0
-            if materializes and naive_bytes(args.check_n) > limit * 2**30:
+            if materializes and naive_bytes(args.check_n, args.loss, spec) > limit * 2**30:
                 timed_n = 0
-            res = run_child(spec, timed_n, args.dim, device, args.dtype, args.repeats, args.check_n, args.timeout)
+            res = run_child(spec, timed_n, args.dim, device, args.dtype, args.repeats, args.check_n, args.timeout,
+                            args.loss)
             chk = check_result(label, args.dtype, res)
             checks.append(chk)
             print(f"{label}: check at N={args.check_n}: {chk['status']}"
@@ -370,11 +472,12 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"impl": label, "n": n, "status": "not_run", "time_s": None, "peak_mib": None,
                              "reason": f"not attempted: failed at N={failed_at}"})
                 continue
-            if materializes and naive_bytes(n) > limit * 2**30:
+            need = naive_bytes(n, args.loss, spec)
+            if materializes and need > limit * 2**30:
                 record(label, n, "not_run",
-                       reason=f"N x N buffers need ~{naive_bytes(n) / 2**30:.1f} GiB > {limit:.1f} GiB allowed")
+                       reason=f"N x N buffers need ~{need / 2**30:.1f} GiB > {limit:.1f} GiB allowed")
                 continue
-            res = run_child(spec, n, args.dim, device, args.dtype, args.repeats, 0, args.timeout)
+            res = run_child(spec, n, args.dim, device, args.dtype, args.repeats, 0, args.timeout, args.loss)
             if "error" in res:
                 record(label, n, "failed", res, reason=res["error"])
                 failed_at = n
@@ -382,12 +485,21 @@ def main(argv: list[str] | None = None) -> int:
                 record(label, n, "ok", res)
     order = {lab: i for i, (lab, _) in enumerate(impls)}
     rows.sort(key=lambda r: (r["n"], order[r["impl"]]))
-    settings = {"sizes": sizes, "dim": args.dim, "dtype": args.dtype, "scale": SCALE, "repeats": args.repeats,
-                "check_n": args.check_n, "timeout_s": args.timeout, "max_mem_gib": round(limit, 2),
-                "impls": [lab for lab, _ in impls], "specs": {lab: spec for lab, spec in impls},
-                "peer_versions": {"open_clip": _common._version("open_clip_torch")}, "child_env": child_env(),
-                "total_s": round(time.perf_counter() - t_start, 1)}
-    doc = _common.payload("loss", meta, settings, rows, headline(rows, checks), checks=checks,
+    if args.loss == "siglip":
+        for r in rows:  # the gradients are outputs every implementation must hold; the 64 MiB goal is the rest
+            grads_mib = 2 * r["n"] * args.dim * BYTES[args.dtype] / 2**20
+            r["beyond_grads_mib"] = None if r["peak_mib"] is None else round(r["peak_mib"] - grads_mib, 2)
+    settings = {"sizes": sizes, "dim": args.dim, "dtype": args.dtype, "scale": loss.scale}
+    if args.loss != "clip":
+        settings = {"loss": args.loss, **settings, "bias": loss.bias}
+    settings.update({"repeats": args.repeats,
+                     "check_n": args.check_n, "timeout_s": args.timeout, "max_mem_gib": round(limit, 2),
+                     "impls": [lab for lab, _ in impls], "specs": {lab: spec for lab, spec in impls},
+                     "peer_versions": {"open_clip": _common._version("open_clip_torch")}, "child_env": child_env(),
+                     "total_s": round(time.perf_counter() - t_start, 1)})
+    if args.loss == "siglip":
+        settings["naive_buffers"] = SIGLIP_NAIVE_BUFFERS
+    doc = _common.payload(loss.benchmark, meta, settings, rows, headline(rows, checks, args.loss), checks=checks,
                           not_run=not_run, status="failed" if failures else "ok", failures=failures)
     if args.json:
         _common.write_json(args.json, doc)

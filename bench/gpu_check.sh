@@ -8,7 +8,8 @@
 #   3. pytest_gpu  bench/gpu_pytest.py: every gpu-marked test, in parallel shares, Triton compile count
 #   4. bench_ops   bench/bench_ops.py at CLIP shapes (bf16), JSON
 #   5. bench_loss  bench/bench_loss.py (fails when a backend errors or disagrees with float64), JSON
-#   6. bench_accum bench/bench_accum.py: largest msclip-s-b32 contrastive batch in 40 GiB (bf16), plain vs
+#   6. bench_siglip bench/bench_loss.py --loss siglip: the same for the sigmoid loss, a smaller budget, JSON
+#   7. bench_accum bench/bench_accum.py: largest msclip-s-b32 contrastive batch in 40 GiB (bf16), plain vs
 #                  exact accumulation vs activation checkpointing, and their step times; its own time
 #                  limit is what the run has left (at most 100 s, less 30 s for startup), JSON
 #   then bench/gpu_summary.py writes OUTDIR/summary.json and OUTDIR/summary.md.
@@ -108,11 +109,17 @@ run_step pytest_gpu "$PYTEST_LIMIT" "$PY" bench/gpu_pytest.py --json "$OUT/pytes
 if [[ $DRY == 1 ]]; then
   run_step bench_ops 120 "$PY" bench/bench_ops.py --device cpu --smoke --json "$OUT/bench_ops.json"
   run_step bench_loss 120 "$PY" bench/bench_loss.py --device cpu --sizes 256,512 --timeout 60 --json "$OUT/bench_loss.json"
+  run_step bench_siglip 120 "$PY" bench/bench_loss.py --loss siglip --device cpu --sizes 256,512 --timeout 60 \
+    --json "$OUT/bench_siglip.json"
   run_step bench_accum 90 "$PY" bench/bench_accum.py --device cpu --smoke --json "$OUT/bench_accum.json"
 else
   run_step bench_ops 150 "$PY" bench/bench_ops.py --device cuda --json "$OUT/bench_ops.json"
   run_step bench_loss 150 "$PY" bench/bench_loss.py --device cuda --dtype bf16 --sizes 8192,32768 --timeout 60 \
     --json "$OUT/bench_loss.json"
+  # before bench_accum, which sizes its search to the time left: ~9 short processes (fused,
+  # triton, reference: check + 2 sizes), so a tighter limit than bench_loss's
+  run_step bench_siglip 100 "$PY" bench/bench_loss.py --loss siglip --device cuda --dtype bf16 --sizes 8192,32768 \
+    --timeout 60 --json "$OUT/bench_siglip.json"
   ACCUM_LIMIT=$(( LIMIT_TOTAL - ($(date +%s) - START) ))
   if (( ACCUM_LIMIT > 100 )); then ACCUM_LIMIT=100; fi
   run_step bench_accum "$ACCUM_LIMIT" "$PY" bench/bench_accum.py --device cuda \

@@ -1,14 +1,15 @@
 """Summary of one ``bench/gpu_check.sh`` run: ``OUT/summary.json`` and a readable ``OUT/summary.md``.
 
 Reads what the steps left in OUT: ``status.txt`` (one ``NAME rc=R Ss limit=Ls`` line per step),
-``budget.txt``, ``pytest_gpu.json`` (bench/gpu_pytest.py), ``bench_ops.json``, ``bench_loss.json``
-and ``bench_accum.json`` (their ``headline`` numbers, schema in bench/report.py), ``info.json``.
+``budget.txt``, ``pytest_gpu.json`` (bench/gpu_pytest.py), ``bench_ops.json``, ``bench_loss.json``,
+``bench_siglip.json`` and ``bench_accum.json`` (their ``headline`` numbers, schema in
+bench/report.py), ``info.json``.
 summary.json::
 
     {"dry_run": bool, "device": str, "date": ISO-8601 UTC, "commit": str, "total_s": int,
      "ok": bool, "steps": [{"step", "rc", "seconds", "limit_s", "note"}],
      "tests": {"passed", "failed", "skipped", "compiles" | "compiles_predicted", "budget_compiles"},
-     "headline": {"ops.<key>": ratio, "loss.<key>": ratio, "accum.<key>": number},
+     "headline": {"ops.<key>": ratio, "loss.<key>": ratio, "siglip.<key>": ratio, "accum.<key>": number},
      "accum": {"budget_mib", "largest": {config: {"n", "capped", "stopped"}}} (when bench_accum ran),
      "problems": [str]}
 
@@ -56,7 +57,7 @@ def summarize(out: Path, dry_run: bool, total_s: int | None) -> dict:
     info = _load(out / "info.json")
     problems = [f"step {s['step']} failed (rc={s['rc']}{', time limit' if s['rc'] in (124, 137) else ''}): "
                 f"see {s['step']}.log" for s in steps if s["rc"] != 0]
-    expected = {"env", "build", "pytest_gpu", "bench_ops", "bench_loss", "bench_accum"}
+    expected = {"env", "build", "pytest_gpu", "bench_ops", "bench_loss", "bench_siglip", "bench_accum"}
     missing = expected - {s["step"] for s in steps}
     problems += [f"step {m} did not run" for m in sorted(missing)]
     tests = {k: py.get(k) for k in ("passed", "failed", "skipped", "compiles", "compiles_predicted") if k in py}
@@ -67,7 +68,7 @@ def summarize(out: Path, dry_run: bool, total_s: int | None) -> dict:
     if py.get("fatal_import_errors"):
         problems += [f"gpu test module not importable: {k}: {v}" for k, v in py["fatal_import_errors"].items()]
     headline = {}
-    for name in ("ops", "loss", "accum"):
+    for name in ("ops", "loss", "siglip", "accum"):
         for k, v in (_load(out / f"bench_{name}.json").get("headline") or {}).items():
             headline[f"{name}.{k}"] = v
     try:

@@ -19,6 +19,7 @@ message naming the file and the problem.
 To re-measure and regenerate (CPU, a few minutes each on 2 cores)::
 
     python bench/bench_loss.py --sizes 4096,8192,16384 --json bench/results/loss-cpu-fp32.json
+    python bench/bench_loss.py --loss siglip --sizes 4096,8192,16384,32768 --json bench/results/siglip-cpu-fp32.json
     python bench/bench_ops.py --device cpu --smoke --json bench/results/ops-cpu-smoke.json
     python bench/bench_train_step.py --json bench/results/train_step-cpu.json
     python bench/bench_packed.py --repeats 5 --json bench/results/packed-cpu.json
@@ -31,7 +32,7 @@ JSON schema (version 1)
 Every bench script's ``--json`` writes one object::
 
     schema      1
-    benchmark   "loss" | "ops" | "train_step" | "packed" | "trim" | "accum"
+    benchmark   "loss" | "siglip" | "ops" | "train_step" | "packed" | "trim" | "accum"
     meta        where/when/how (bench/_common.py run_meta):
                   machine   {cpu, cores (usable), logical_cpus, torch_threads, gpu (name | null),
                              gpu_count, cuda, python, platform, load_avg and load_avg_end
@@ -46,7 +47,7 @@ Every bench script's ``--json`` writes one object::
     settings    the benchmark's parameters (below)
     rows        list of result objects (below)
     headline    {name: number}: a few ratios for summaries (bench/gpu_check.sh reads them)
-    status      "ok" | "failed" (loss, ops);  failures: [str] naming implementation and error
+    status      "ok" | "failed" (loss, siglip, ops);  failures: [str] naming implementation and error
 
 ``loss`` (bench_loss.py): settings {sizes, dim, dtype, scale, repeats, check_n, timeout_s,
 max_mem_gib, impls, specs, peer_versions, total_s}; rows {impl, n, status "ok" | "not_run" |
@@ -56,6 +57,14 @@ grad_img_rel_err, grad_txt_rel_err, grad_scale_rel_err, max_rel_err, loss, ref_l
 not_run {impl: reason}. Headline ``loss_<fused|triton>_vs_<open_clip|reference>_time_N<n>`` =
 peer time / ours and ``..._mem_N<n>`` = peer peak MiB / ours at the largest N both ran (> 1:
 ours better); ``loss_<impl>_max_rel_err``.
+
+``siglip`` (bench_loss.py --loss siglip, the sigmoid loss): as ``loss``, with settings {loss
+"siglip", sizes, dim, dtype, scale, bias, repeats, check_n, timeout_s, max_mem_gib, impls, specs,
+peer_versions, child_env, total_s, naive_buffers {peer: N x N fp32 buffers assumed at its peak}};
+rows add beyond_grads_mib (peak_mib less the image and text gradients, 2 x N x D elements);
+checks add grad_bias_rel_err. Headline ``siglip_<ours>_vs_<peer>_time_N<n>``, ``..._mem_N<n>``,
+``siglip_<ours>_vs_<peer>_time_min`` (smallest time ratio over every N both ran),
+``siglip_<ours>_beyond_grads_mib_N<n>`` (ours' largest N), ``siglip_<impl>_max_rel_err``.
 
 ``ops`` (bench_ops.py): settings {dtype, smoke, ops, modes, backend (of ours), interpreter,
 batch_scale, min_run_time, total_s}; rows {op, case, tag, impl, mode "fwd" | "fwd+bwd", ms,
@@ -123,12 +132,14 @@ ROOT = _common.ROOT
 SCHEMA = _common.SCHEMA
 NAME = "bench_report"
 BEGIN, END = _common.markers(NAME)
-ORDER = ("loss", "ops", "train_step", "packed", "trim", "accum")
-TITLES = {"loss": "Contrastive loss", "ops": "Ops vs PyTorch", "train_step": "Train step throughput",
-          "packed": "Packed vs per-tower", "trim": "Text trimmed at EOT vs padded",
+ORDER = ("loss", "siglip", "ops", "train_step", "packed", "trim", "accum")
+TITLES = {"loss": "Contrastive loss", "siglip": "Sigmoid (SigLIP) loss", "ops": "Ops vs PyTorch",
+          "train_step": "Train step throughput", "packed": "Packed vs per-tower",
+          "trim": "Text trimmed at EOT vs padded",
           "accum": "Exact accumulation and activation checkpointing"}
 _ROW_KEYS = {
     "loss": ("impl", "n", "status"),
+    "siglip": ("impl", "n", "status"),
     "ops": ("op", "case", "impl", "mode", "ms"),
     "train_step": ("preset", "batch", "median_ms", "samples_per_s"),
     "packed": ("preset", "batch", "packed_ms", "per_tower_ms", "ratio"),
@@ -273,20 +284,31 @@ def _loss_body(doc: dict) -> list[str]:
     sizes = sorted({r["n"] for r in rows})
     ours = [i for i in measured if i in ("fused", "triton")]
     peers = [i for i in measured if i not in ("fused", "triton")]
+    sig = doc["benchmark"] == "siglip"
+    if sig:
+        what = (f"the sigmoid (SigLIP) loss -Σ_ij log σ(z_ij (scale · img_i · txt_j + bias)) / N (z = +1 on the "
+                f"diagonal, -1 elsewhere), N x D features with D={s.get('dim', '?')}, {s.get('dtype', '?')}, scale "
+                f"{s.get('scale', 10):g}, bias {_f(s.get('bias'), 'g', 'none')}")
+        mem = ("; `beyond grads` = peak less those gradients: what the loss itself holds (goal for the fused "
+               "loss: <= 64 MiB at N=32768)")
+        peer = "SigLipLoss"
+    else:
+        what = (f"the symmetric InfoNCE loss, N x D features with D={s.get('dim', '?')}, "
+                f"{s.get('dtype', '?')}, scale {s.get('scale', 100):g}")
+        mem, peer = "", "ClipLoss"
     lines = [
-        f"Forward + backward of the symmetric InfoNCE loss, N x D features with D={s.get('dim', '?')}, "
-        f"{s.get('dtype', '?')}, scale {s.get('scale', 100):g}, device {doc['meta']['device']}; each "
+        f"Forward + backward of {what}, device {doc['meta']['device']}; each "
         "(implementation, N) in a fresh process; time = best of "
         f"{s.get('repeats', 1)} call(s); memory = peak over the process's footprint just before the call "
-        "(it includes the N x D gradients, 2 x N x D x bytes per element). `fused` is the C++/CUDA "
+        f"(it includes the N x D gradients, 2 x N x D x bytes per element{mem}). `fused` is the C++/CUDA "
         "extension, `triton` the Triton kernels (both O(N) memory), `reference` plain PyTorch and "
-        "`open_clip` open_clip's ClipLoss (both materialize the N x N logits). Ratios > 1: ours is "
+        f"`open_clip` open_clip's {peer} (both materialize the N x N logits). Ratios > 1: ours is "
         "faster / smaller.",
         "",
     ]
     header = ["N"]
     for i in measured:
-        header += [f"{i} s", f"{i} MiB"]
+        header += [f"{i} s", f"{i} MiB"] + ([f"{i} beyond grads MiB"] if sig and i in ours else [])
     ratio_cols = [(p, o) for o in ours for p in peers]
     for p, o in ratio_cols:
         header += [f"{p}/{o} time", f"{p}/{o} memory"]
@@ -304,6 +326,8 @@ def _loss_body(doc: dict) -> list[str]:
         line = [str(n)]
         for i in measured:
             line += [cell(i, n, "time_s", ".3g"), cell(i, n, "peak_mib", ".0f")]
+            if sig and i in ours:
+                line.append(cell(i, n, "beyond_grads_mib", ".1f"))
         for p, o in ratio_cols:
             a, b = by.get((o, n)), by.get((p, n))
             ok = a and b and a["status"] == b["status"] == "ok"
@@ -320,12 +344,13 @@ def _loss_body(doc: dict) -> list[str]:
         lines += ["", f"Correctness check before timing (N={s.get('check_n', '?')}, relative error against the "
                   "float64 reference on the same rounded inputs; bound from DESIGN §7):", ""]
         crow = []
+        grads = ("img", "txt", "scale") + (("bias",) if sig else ())
         for c in checks:
-            crow.append([c["impl"], c["status"], _f(c.get("loss_rel_err"), ".1e"), _f(c.get("grad_img_rel_err"), ".1e"),
-                         _f(c.get("grad_txt_rel_err"), ".1e"), _f(c.get("grad_scale_rel_err"), ".1e"),
+            crow.append([c["impl"], c["status"], _f(c.get("loss_rel_err"), ".1e"),
+                         *(_f(c.get(f"grad_{g}_rel_err"), ".1e") for g in grads),
                          _f(c.get("tol"), "g"), c.get("reason") or ""])
-        lines += _table(["impl", "check", "loss", "d img", "d txt", "d scale", "bound", "note"], crow,
-                        "---|---|---:|---:|---:|---:|---:|---|")
+        lines += _table(["impl", "check", "loss", *(f"d {g}" for g in grads), "bound", "note"], crow,
+                        "---|---|---:|" + "---:|" * len(grads) + "---:|---|")
     notes = []
     for i in impls:
         reasons = sorted({(r["reason"] or "") for r in rows if r["impl"] == i and r["status"] == "not_run"})
@@ -558,14 +583,15 @@ def _accum_body(doc: dict) -> list[str]:
     return lines
 
 
-_BODY = {"loss": _loss_body, "ops": _ops_body, "train_step": _train_step_body, "packed": _packed_body,
-         "trim": _trim_body, "accum": _accum_body}
+_BODY = {"loss": _loss_body, "siglip": _loss_body, "ops": _ops_body, "train_step": _train_step_body,
+         "packed": _packed_body, "trim": _trim_body, "accum": _accum_body}
 
 
 def title(doc: dict) -> str:
     s = doc.get("settings", {})
     dev = "GPU" if doc["meta"]["device"] == "cuda" else "CPU"
-    extra = {"loss": s.get("dtype"), "ops": f"{s.get('dtype', '')}{', smoke' if s.get('smoke') else ''}",
+    extra = {"loss": s.get("dtype"), "siglip": s.get("dtype"),
+             "ops": f"{s.get('dtype', '')}{', smoke' if s.get('smoke') else ''}",
              "train_step": None, "packed": ", ".join(s.get("presets") or []) or None, "trim": None,
              "accum": ", ".join(x for x in (s.get("preset"), s.get("precision"), "smoke" if s.get("smoke") else None)
                                 if x) or None}[doc["benchmark"]]
@@ -583,7 +609,7 @@ def render_doc(doc: dict, source: str | None = None, chart: str | None = None, l
     if chart:
         lines += [f"![{title(doc)}]({chart})", ""]
     lines += _BODY[doc["benchmark"]](doc)
-    if doc["benchmark"] in ("loss", "ops"):  # the others' headline repeats a table column
+    if doc["benchmark"] in ("loss", "siglip", "ops"):  # the others' headline repeats a table column
         lines += _headline_lines(doc)
     lines += _failure_lines(doc)
     return "\n".join(lines) + "\n"
@@ -626,7 +652,16 @@ def _chart_loss(plt, doc: dict, path: Path) -> bool:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     s = doc.get("settings", {})
-    fig.suptitle(f"Contrastive loss, D={s.get('dim')}, {s.get('dtype')}, {doc['meta']['device']} "
+    if doc["benchmark"] == "siglip":
+        ax = axes[1]
+        for i in ("fused", "triton"):  # the 64 MiB goal is about what the loss holds beyond the gradients
+            pts = sorted((r["n"], r["beyond_grads_mib"]) for r in ok
+                         if r["impl"] == i and (r.get("beyond_grads_mib") or 0) > 0)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="x", ls="--", label=f"{i} beyond grads")
+        ax.axhline(64, color="gray", lw=0.8, ls=":", label="goal: 64 MiB beyond grads")
+        ax.legend()
+    fig.suptitle(f"{TITLES[doc['benchmark']]}, D={s.get('dim')}, {s.get('dtype')}, {doc['meta']['device']} "
                  f"({doc['meta']['machine'].get('gpu') or doc['meta']['machine'].get('cpu')})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -801,8 +836,8 @@ def _chart_accum(plt, doc: dict, path: Path) -> bool:
     return True
 
 
-_CHART = {"loss": _chart_loss, "ops": _chart_ops, "train_step": _chart_train_step, "packed": _chart_packed,
-          "trim": _chart_trim, "accum": _chart_accum}
+_CHART = {"loss": _chart_loss, "siglip": _chart_loss, "ops": _chart_ops, "train_step": _chart_train_step,
+          "packed": _chart_packed, "trim": _chart_trim, "accum": _chart_accum}
 
 
 def draw_chart(doc: dict, path: Path) -> bool:

@@ -201,7 +201,7 @@ def test_gpu_summary_reports_bench_accum(tmp_path):
     import gpu_summary
 
     steps = "\n".join(f"{s} rc=0 1s limit=100s" for s in
-                      ("env", "build", "pytest_gpu", "bench_ops", "bench_loss", "bench_accum")) + "\n"
+                      ("env", "build", "pytest_gpu", "bench_ops", "bench_loss", "bench_siglip", "bench_accum")) + "\n"
     (tmp_path / "status.txt").write_text(steps)
     (tmp_path / "pytest_gpu.json").write_text(json.dumps({"passed": 1, "failed": 0, "skipped": 0, "compiles": 3}))
     (tmp_path / "bench_accum.json").write_text(json.dumps({

@@ -187,3 +187,36 @@ def test_module_entry_point(results):
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "## CPU results" in proc.stdout and "## GPU results" in proc.stdout
+
+
+def siglip_doc():
+    doc = loss_doc()
+    doc["benchmark"] = "siglip"
+    doc["meta"]["command"] = "python bench/bench_loss.py --loss siglip --device cpu"
+    doc["settings"] = {"loss": "siglip", "sizes": [4096, 8192], "dim": 512, "dtype": "fp32", "scale": 10.0,
+                       "bias": -10.0, "repeats": 1, "check_n": 512, "impls": ["fused", "triton", "open_clip"]}
+    for r in doc["rows"]:
+        r["beyond_grads_mib"] = None if r["peak_mib"] is None else r["peak_mib"] - 2 * r["n"] * 512 * 4 / 2**20
+    doc["checks"][0]["grad_bias_rel_err"] = 3e-8
+    doc["headline"] = {"siglip_fused_vs_open_clip_time_N8192": 1.476, "siglip_fused_beyond_grads_mib_N8192": 1.0}
+    return doc
+
+
+def test_siglip_gets_its_own_section_and_chart(bench, tmp_path):
+    d = tmp_path / "results"
+    d.mkdir()
+    (d / "loss-cpu-fp32.json").write_text(json.dumps(loss_doc()))
+    (d / "siglip-cpu-fp32.json").write_text(json.dumps(siglip_doc()))
+    md = tmp_path / "RESULTS.md"
+    assert bench.main(["--results-dir", str(d), "--write", str(md), "--charts", str(tmp_path / "charts")]) == 0
+    text = md.read_text()
+    clip, sig = text.split("### Sigmoid (SigLIP) loss (CPU, fp32)")
+    assert "### Contrastive loss (CPU, fp32)" in clip and "symmetric InfoNCE" in clip and "beyond grads" not in clip
+    assert "| 4096 | 0.6 | 17 | 0.87 | 275 | 1.45x | 16.2x |" in clip  # clip's table as before
+    assert "sigmoid (SigLIP) loss" in sig and "scale 10, bias -10" in sig and "SigLipLoss" in sig
+    assert "| N | fused s | fused MiB | fused beyond grads MiB | open_clip s |" in sig
+    assert "| 8192 | 2.08 | 33 | 1.0 | 3.07 | 1061 | 1.48x | 32.2x |" in sig
+    assert "| impl | check | loss | d img | d txt | d scale | d bias | bound | note |" in sig
+    assert "| fused | ok | 2.0e-08 | 6.0e-07 | 6.0e-07 | 1.0e-06 | 3.0e-08 | 0.0001 |  |" in sig
+    assert "`siglip_fused_beyond_grads_mib_N8192` = 1" in sig and "](charts/siglip-cpu-fp32.png)" in sig
+    assert sorted(p.name for p in (tmp_path / "charts").iterdir()) == ["loss-cpu-fp32.png", "siglip-cpu-fp32.png"]

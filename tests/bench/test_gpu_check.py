@@ -63,11 +63,14 @@ def _out(tmp_path, status, pytest_json, budget_ok=True):
     (tmp_path / "status.txt").write_text(status)
     (tmp_path / "pytest_gpu.json").write_text(json.dumps(pytest_json))
     (tmp_path / "bench_ops.json").write_text(json.dumps({"headline": {"attention_fwd_bwd_vs_sdpa_B32": 1.25}}))
+    siglip = {"headline": {"siglip_fused_vs_reference_time_N32768": 3.5}}
+    (tmp_path / "bench_siglip.json").write_text(json.dumps(siglip))
     return tmp_path
 
 
 STEPS_OK = "\n".join(f"{s} rc=0 {i}s limit=100s" for i, s in
-                     enumerate(("env", "build", "pytest_gpu", "bench_ops", "bench_loss", "bench_accum"))) + \
+                     enumerate(("env", "build", "pytest_gpu", "bench_ops", "bench_loss", "bench_siglip",
+                                "bench_accum"))) + \
     "\ntotal 10s; failed=0\n"
 
 
@@ -76,17 +79,34 @@ def test_summary_ok_and_markdown(tmp_path):
     assert gpu_summary.main([str(out), "--total-s", "10"]) == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["ok"] and [x["step"] for x in s["steps"]] == ["env", "build", "pytest_gpu", "bench_ops", "bench_loss",
-                                                           "bench_accum"]
-    assert s["headline"] == {"ops.attention_fwd_bwd_vs_sdpa_B32": 1.25} and s["tests"]["compiles"] == 42
+                                                           "bench_siglip", "bench_accum"]
+    assert s["headline"] == {"ops.attention_fwd_bwd_vs_sdpa_B32": 1.25,
+                             "siglip.siglip_fused_vs_reference_time_N32768": 3.5}
+    assert s["tests"]["compiles"] == 42
     md = (out / "summary.md").read_text()
     assert "OK" in md.splitlines()[0] and "42 Triton compiles (cold cache)" in md
 
 
 def test_summary_fails_on_a_failed_or_missing_step_and_on_the_compile_budget(tmp_path):
-    bad = STEPS_OK.replace("pytest_gpu rc=0", "pytest_gpu rc=124").replace("bench_loss rc=0 4s limit=100s\n", "")
+    bad = STEPS_OK.replace("pytest_gpu rc=0", "pytest_gpu rc=124").replace("bench_loss rc=0 4s limit=100s\n", "") \
+        .replace("bench_siglip rc=0 5s limit=100s\n", "")
     out = _out(tmp_path, bad, {"passed": 5, "compiles_predicted": 10 ** 6})
     assert gpu_summary.main([str(out), "--dry-run"]) == 1
     problems = json.loads((out / "summary.json").read_text())["problems"]
     assert any("pytest_gpu failed (rc=124, time limit)" in p for p in problems)
     assert any("bench_loss did not run" in p for p in problems)
+    assert any("bench_siglip did not run" in p for p in problems)
     assert any("> budget" in p for p in problems)
+
+
+def test_gpu_check_runs_the_siglip_benchmark():
+    """Its own step in both modes (tiny sizes on the CPU; bf16 and a small budget on the GPU, run
+    before bench_accum, which takes the time that is left)."""
+    text = (ROOT / "bench" / "gpu_check.sh").read_text()
+    dry, gpu = text.split("\nelse\n  run_step bench_ops")
+    dry = dry.split("if [[ $DRY == 1 ]]; then\n  run_step bench_ops")[1]
+    assert 'run_step bench_siglip 120 "$PY" bench/bench_loss.py --loss siglip --device cpu --sizes 256,512' in dry
+    line = gpu[gpu.index("run_step bench_siglip"):].split("--json")[0]
+    assert "--loss siglip --device cuda --dtype bf16 --sizes 8192,32768" in line and "--timeout 60" in line
+    assert int(line.split()[2]) <= 120 and gpu.index("run_step bench_siglip") < gpu.index("run_step bench_accum")
+    assert '"$OUT/bench_siglip.json"' in dry and '"$OUT/bench_siglip.json"' in gpu
