@@ -49,7 +49,9 @@ def _ext_modules():
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    cxx = ["-O3", "-std=c++20", "-fopenmp"]
+    # -fno-trapping-math: lets GCC turn the tile math's float selects into vector blends (no FP
+    # exceptions are used anywhere); see csrc/common/tile_math.h
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math"]
     use_cuda, why = _want_cuda(mode)
     print(f"msclip_fast._C: {'CUDA+CPU' if use_cuda else 'CPU-only'} build ({why})")
     if use_cuda:

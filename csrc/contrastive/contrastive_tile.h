@@ -48,14 +48,16 @@ MSCLIP_HD float lse_value(Lse a) { return a.m == neg_inf() ? neg_inf() : a.m + l
 // covering global rows [r0, r0+rows) and columns [c0, c0+cols).
 
 // Row statistics of one row of the tile: returns (max, Σ exp(x − max)) of x = scale·raw.
-// Two sweeps over the row (max, then sum): both vectorize.
+// Two sweeps over the row (max, then sum): both vectorize (MSCLIP_SIMD_*, common/tile_math.h).
 MSCLIP_HD Lse row_lse(const float* raw, int cols, float scale) {
   float m = neg_inf();
+  MSCLIP_SIMD_MAX(m)
   for (int j = 0; j < cols; ++j) {
     float x = scale * raw[j];
     m = x > m ? x : m;
   }
   float s = 0.0f;
+  MSCLIP_SIMD_SUM(s)
   for (int j = 0; j < cols; ++j) s += exp_nonpos(scale * raw[j] - m);
   return Lse{m, s};
 }
@@ -79,6 +81,7 @@ MSCLIP_HD void col_lse_update(const float* raw, int rows, int cols, int64_t ld, 
   }
   for (int i = 0; i < rows; ++i) {
     const float* r = raw + i * ld;
+    MSCLIP_SIMD
     for (int j = 0; j < cols; ++j) col_s[j] += exp_nonpos(scale * r[j] - col_m[j]);
   }
 }
@@ -89,6 +92,7 @@ MSCLIP_HD void col_lse_update(const float* raw, int rows, int cols, int64_t ld, 
 MSCLIP_HD float grad_row(float* raw_g, int cols, float scale, float lse_r, const float* lse_c,
                          float coef) {
   float ds = 0.0f;
+  MSCLIP_SIMD_SUM(ds)
   for (int j = 0; j < cols; ++j) {
     float raw = raw_g[j];
     float x = scale * raw;

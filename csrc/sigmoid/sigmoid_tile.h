@@ -26,7 +26,7 @@ namespace sigmoid {
 // softplus(q) = log(1 + exp(q)), stable for every q.
 MSCLIP_HD float softplus(float q) {
   const float e = exp_nonpos(-fabsf(q));
-  return (q > 0.0f ? q : 0.0f) + log1p_unit(e);
+  return (q > 0.0f ? q : 0.0f * q) + log1p_unit(e);  // 0·q: a NaN logit gives a NaN loss
 }
 
 // σ(q) = 1 / (1 + exp(-q)), stable for every q.
@@ -38,6 +38,7 @@ MSCLIP_HD float sigma(float q) {
 // Σ_{j in [j0, j1)} softplus(s·raw_j + b): the loss terms of negatives (q = y).
 MSCLIP_HD float neg_terms(const float* raw, int j0, int j1, float s, float b) {
   float acc = 0.0f;
+  MSCLIP_SIMD_SUM(acc)
   for (int j = j0; j < j1; ++j) acc += softplus(s * raw[j] + b);
   return acc;
 }
@@ -55,11 +56,12 @@ MSCLIP_HD float row_terms(const float* raw, int cols, float s, float b, int pos)
 MSCLIP_HD float neg_grads(float* raw_g, int j0, int j1, float s, float b, float coef, float* ds,
                           float* db) {
   float loss = 0.0f, gs = 0.0f, gb = 0.0f;
+  MSCLIP_SIMD_SUM(loss, gs, gb)
   for (int j = j0; j < j1; ++j) {
     const float raw = raw_g[j];
     const float y = s * raw + b;
     const float e = exp_nonpos(-fabsf(y));
-    loss += (y > 0.0f ? y : 0.0f) + log1p_unit(e);
+    loss += (y > 0.0f ? y : 0.0f * y) + log1p_unit(e);
     const float g = coef * ((y >= 0.0f ? 1.0f : e) / (1.0f + e));
     raw_g[j] = g;
     gs += g * raw;

@@ -52,6 +52,8 @@ static void test_scalar_math() {
   CHECK(wsg87 < 2e-6, "sigma worst relative error on [-87, 100]: %.3g", wsg87);
   CHECK(std::isfinite(softplus(1e30f)) && softplus(1e30f) == 1e30f, "softplus(huge) = huge");
   CHECK(softplus(-1e30f) == 0.0f && sigma(-1e30f) == 0.0f && sigma(1e30f) == 1.0f, "saturation");
+  CHECK(std::isnan(softplus(NAN)) && std::isnan(sigma(NAN)) && std::isnan(exp_nonpos(NAN)),
+        "NaN propagates (a NaN logit must give a NaN loss)");
 }
 
 // Naive double loss and gradients (materializes N_I x N_T).

@@ -237,6 +237,23 @@ def test_extreme_logits_no_overflow():
             assert torch.isfinite(x).all() and rel(x, y) < 1e-4, name
 
 
+@needs_fused
+def test_non_finite_features_give_a_non_finite_loss():
+    # training stops on a NaN loss (NonFiniteLossError): a NaN feature must not vanish in a
+    # max(q, 0) or an exp mask
+    img, txt = features(40, 8, torch.float32, seed=11)
+    s, b = torch.tensor(10.0), torch.tensor(-10.0)
+    for bad in (float("nan"), float("inf")):
+        x = img.clone()
+        x[3, 2] = bad
+        for neg in (False, True):
+            with torch.no_grad():
+                assert not torch.isfinite(ops.sigmoid_loss(x, txt, s, b, neg, backend="cpu"))
+            loss = ops.sigmoid_loss(x.requires_grad_(), txt, s, b, neg, backend="cpu")
+            assert not torch.isfinite(loss)
+            x = x.detach()
+
+
 _MEM_SCRIPT = r"""
 import sys, torch
 from msclip_fast import _C
