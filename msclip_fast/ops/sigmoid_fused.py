@@ -7,7 +7,8 @@ Neither pass holds the N_I x N_T logits: the extension sweeps tiles of ``s·I·T
   ONE sweep (each tile's logits are formed once: 3 tile-product FLOP units per element instead
   of 4 for forward + recomputing backward), keeps the fp32 gradients of ``loss`` and the
   backward only scales them by the upstream gradient (no copy for fp32 inputs and an upstream
-  gradient of 1: the saved buffers are returned). Without gradients it sums the loss only.
+  gradient of 1: the saved buffers are handed over). A second backward through the same graph
+  (``retain_graph``) recomputes the tiles, as the CUDA path always does. Without gradients it sums the loss only.
 - CUDA: the forward saves nothing but the inputs; the backward recomputes the tiles, as the
   InfoNCE kernels do (no host sync anywhere).
 """
@@ -105,6 +106,8 @@ class FusedSigmoidLoss(torch.autograd.Function):
         loss, d_img, d_txt, d_s, d_b = ext.sigmoid_forward(img_c, txt_c, s, b, negative_only, True, tile)
         ctx.cpu_grads = (d_img, d_txt, d_s, d_b)
         ctx.dtypes = (image.dtype, text.dtype)
+        # the inputs (references, no copies) let a second backward (retain_graph) recompute
+        ctx.save_for_backward(img_c, txt_c, s, b)
         return loss
 
     @staticmethod
@@ -112,8 +115,13 @@ class FusedSigmoidLoss(torch.autograd.Function):
     def backward(ctx, grad):
         scale, bias = ctx.metas
         if ctx.cpu_grads is not None:
+            # handed over, not kept: a gradient still referenced here would make autograd's
+            # accumulation copy it (N x D x 2 more floats at the peak); a second backward
+            # (retain_graph) recomputes below instead
+            saved, ctx.cpu_grads = ctx.cpu_grads, None
             g = float(grad)  # CPU tensors: reading it is free
-            grads = ctx.cpu_grads if g == 1.0 else tuple(t * g for t in ctx.cpu_grads)
+            grads = saved if g == 1.0 else tuple(t * g for t in saved)
+            del saved
             grads = (grads[0].to(ctx.dtypes[0]), grads[1].to(ctx.dtypes[1]), *grads[2:])
         else:
             ext, _ = load_extension()
