@@ -19,7 +19,13 @@ def launch(args: list[str], timeout: int = 300) -> float:
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
            "train.py", *args]
     t = time.time()
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    try:
+        out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    finally:
+        # DeepSpeed's CPU shared-memory all-reduce (deepspeed/ops/csrc/cpu/comm/shm.cpp) never
+        # unlinks its 66 MB per-rank buffers: a day of test runs left 16 GB in /dev/shm
+        for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+            f.unlink(missing_ok=True)
     assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]
     return time.time() - t
 
