@@ -15,6 +15,7 @@ from msclip_fast.ops import (
     ffn_triton,
     layer_norm_triton,
     sigmoid_fused,
+    sigmoid_triton,
 )
 
 
@@ -103,7 +104,8 @@ def test_validation_reads_nothing_back_from_the_device():
 
 def test_one_naming_scheme_for_backend_checks():
     for name, mod in (("attention", attention_triton), ("modality_layer_norm", layer_norm_triton),
-                      ("bias_act", bias_act_triton), ("ffn", ffn_triton), ("contrastive_loss", contrastive_triton)):
+                      ("bias_act", bias_act_triton), ("ffn", ffn_triton), ("contrastive_loss", contrastive_triton),
+                      ("sigmoid_loss", sigmoid_triton)):
         be = ops.OPS[name].backends["triton"]
         assert be.supports is mod.triton_supports and be.available is mod.triton_available, name
         assert be.auto_skip is mod.triton_auto_skip, name
