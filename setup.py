@@ -51,7 +51,14 @@ def _ext_modules():
 
     # -fno-trapping-math: lets GCC turn the tile math's float selects into vector blends (no FP
     # exceptions are used anywhere); see csrc/common/tile_math.h
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math"]
+    # MSCLIP_FAST_CXX_OPT: the optimization level (default -O3; gpu_build.py's CPU dry run, which
+    # only checks that the build works, uses -O0). No debug info unless MSCLIP_FAST_DEBUG=1:
+    # Python's -g costs ~30 s per torch-including file, most of this build's time.
+    opt = os.environ.get("MSCLIP_FAST_CXX_OPT", "-O3")
+    if opt not in ("-O0", "-O1", "-O2", "-O3"):
+        raise ValueError(f"MSCLIP_FAST_CXX_OPT must be -O0, -O1, -O2 or -O3, got {opt!r}")
+    debug = os.environ.get("MSCLIP_FAST_DEBUG", "0") == "1"
+    cxx = [opt, "-g" if debug else "-g0", "-std=c++20", "-fopenmp", "-fno-trapping-math"]
     use_cuda, why = _want_cuda(mode)
     print(f"msclip_fast._C: {'CUDA+CPU' if use_cuda else 'CPU-only'} build ({why})")
     if use_cuda:

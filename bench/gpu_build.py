@@ -92,6 +92,7 @@ def build(dry_run: bool, out: Path | None) -> int:
     if dry_run:
         env["MSCLIP_FAST_BUILD_CUDA"] = "0"  # no GPU here: the .cu files are compiled by make nvcc-check
         env["MSCLIP_FAST_BUILD_EXT"] = "1"
+        env.setdefault("MSCLIP_FAST_CXX_OPT", "-O0")  # the dry run checks the build, nothing runs on it
         out = (out or ROOT / "build" / "gpu_check_dry_run").resolve()
         cmd = [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(out / "lib"),
                "--build-temp", str(out / "tmp")]

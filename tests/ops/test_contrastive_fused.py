@@ -54,7 +54,9 @@ CASES = [
     (1000, 768, torch.float16, 100.0, True, 0),
     (1000, 7, torch.bfloat16, 30.0, False, 256),
     (4099, 1, torch.float32, 100.0, False, 0),
-    (4099, 512, torch.bfloat16, 100.0, False, 0),
+    # bf16 at D = 96, not 512: the 2x-PyTorch bound runs torch's own bf16 matmul, which has no
+    # fast CPU kernel here (51 s at D = 512; bf16 at D = 768 is covered at N = 7 and 64)
+    (4099, 96, torch.bfloat16, 100.0, False, 0),
 ]
 
 
@@ -188,10 +190,11 @@ def test_memory_is_subquadratic_fast():
 
 
 @pytest.mark.slow
-def test_memory_n32768_d512():
-    # issue 4: fwd+bwd at N=32,768, D=512 fp32 within 64 MiB of the inputs and gradients
-    # (naive logits + their gradient: 2 x 4 GiB)
-    assert _extra_peak_mib(32768, 512) < 64
+def test_memory_n32768():
+    # issue 4: fwd+bwd at N=32,768 fp32 within 64 MiB of the inputs and gradients (naive logits
+    # + their gradient: 2 x 4 GiB). D = 128 keeps CI short (the extra memory is the tile buffer
+    # and 4N LSE floats: it does not grow with D for fp32 inputs); bench_loss measures D = 512.
+    assert _extra_peak_mib(32768, 128) < 64
 
 
 @pytest.mark.slow
