@@ -28,7 +28,7 @@ demo: setup
 	bash scripts/demo.sh
 
 test: setup nvcc-check cpp-test
-	$(VPY) -m pytest -m "not gpu" -q $(PYTEST_ARGS)
+	$(VPY) -m pytest -m "not gpu" -q --durations=25 $(PYTEST_ARGS)
 
 test-fast: setup
 	$(VPY) -m pytest -m "not gpu and not slow" -q $(PYTEST_ARGS)

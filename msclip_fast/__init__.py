@@ -22,6 +22,7 @@ _LAZY = {
     "ClipLoss": ("msclip_fast.losses", "ClipLoss"),
     "SigLipLoss": ("msclip_fast.losses", "SigLipLoss"),
     "create_model": ("msclip_fast.models", "create_model"),
+    "export_state_dict": ("msclip_fast.models", "export_state_dict"),
     "list_models": ("msclip_fast.models", "list_models"),
     "load_model": ("msclip_fast.models", "load_model"),
     "text_lengths": ("msclip_fast.modules.packing", "text_lengths"),

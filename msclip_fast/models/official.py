@@ -17,6 +17,8 @@ import re
 
 import torch
 
+from .openai import check_extras, fits, is_ignored_key, raise_if_unfit
+
 _V, _T = "visual.transformer.resblocks.", "transformer.resblocks."
 _ADAPTER = {"branch_dw.0": "top2bottom_dw_conv.conv", "branch_dw.1": "top2bottom_dw_conv.bn",
             "branch_pw": "top2bottom_pw_conv.conv", "grid_dw.0": "bottom_dw_conv.conv",
@@ -74,35 +76,96 @@ def _official(key: str, early: bool) -> tuple[str, list[str]]:
 
 
 def is_official_state_dict(sd: dict) -> bool:
-    """True when ``sd`` uses the official layout (``*transformer.resblocks.*`` keys)."""
+    """True when ``sd`` uses the official layout (``*transformer.resblocks.*`` keys). A plain
+    CLIP model's official layout is OpenAI's / open_clip's (:mod:`.openai`); use
+    :func:`detect_layout` to tell them apart."""
     return any(k.startswith((_V, _T)) for k in sd)
+
+
+# keys only the official MS-CLIP layout has (conv stem, parallel branch, adapters)
+_OFFICIAL_ONLY = re.compile(r"^visual\.transformer\.(resblocks\.0\.(conv1|bn1|resnet_stage|last_conv)"
+                            r"|parallel_branch_v|parallel_lateral_adapter)")
+
+
+def detect_layout(sd: dict) -> str:
+    """The layout of a state dict from its keys: ``"ours"`` (``visual.blocks.*``,
+    ``text.*``, ``blocks.*``), ``"official"`` (MS-CLIP keys: conv stem, parallel branch, or
+    shared tensors stored under both towers' keys), ``"open_clip"`` (OpenAI / open_clip:
+    ``*transformer.resblocks.*``, ``token_embedding.weight``, ``visual.conv1.weight``).
+
+    A plain-CLIP checkpoint is both ``"open_clip"`` and ``"official"`` (same names); it is
+    reported as ``"open_clip"`` unless its vision and text blocks hold equal tensors (sharing).
+    A dict with none of these markers is reported as ``"ours"`` (so that loading it lists what
+    it lacks).
+    """
+    keys = list(sd)
+    if any(k.startswith(("visual.blocks.", "visual.stem.", "text.", "blocks.")) for k in keys):
+        return "ours"
+    if any(_OFFICIAL_ONLY.match(k) for k in keys):
+        return "official"
+    if is_official_state_dict(sd) or "token_embedding.weight" in sd or "visual.conv1.weight" in sd:
+        for k in keys:
+            if k.startswith(_V) and k.endswith("attn.in_proj_weight"):
+                t = sd.get(_T + k[len(_V):])
+                if isinstance(t, torch.Tensor) and t.shape == sd[k].shape and torch.equal(t, sd[k]):
+                    return "official"
+        return "open_clip"
+    return "ours"  # no external marker: checked (and its problems listed) as ours
+
+
+def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> str:
+    if a.shape != b.shape:
+        return f"shapes {tuple(a.shape)} vs {tuple(b.shape)}"
+    return f"max abs difference {(a.double() - b.double()).abs().max().item():.3g}"
 
 
 def from_official_state_dict(sd: dict, model) -> dict:
     """Our state dict for ``model`` from an official-layout ``sd`` (a shared tensor is read
-    from its vision key; LayerNorm ``(D,)`` tensors are stacked into ``(M, D)``). A model
-    ``logit_bias`` (SigLIP) absent from ``sd`` keeps the model's current value.
+    from its vision key after checking that its text alias holds the same values; LayerNorm
+    ``(D,)`` tensors are stacked into ``(M, D)``). A model ``logit_bias`` (SigLIP) absent from
+    ``sd`` keeps the model's current value; a ``logit_bias`` the model lacks is ignored, and so
+    are ``attn_mask`` buffers and OpenAI's ``input_resolution`` / ``context_length`` /
+    ``vocab_size`` entries (checked against the config).
 
     Raises:
-        ValueError: a key ``model`` needs is absent from ``sd``.
+        ValueError: ``sd`` does not fit ``model`` (one message listing every missing key,
+            unexpected key and shape mismatch with both shapes), or the two aliases of a shared
+            tensor differ (names the key pair and the max abs difference).
     """
+    check_extras(sd, model.config)
     early = model.config.early_specialization
-    out = {}
+    out, used, missing, mismatched, aliases = {}, set(), [], [], []
     for key, ref in model.state_dict().items():
         kind, names = _official(key, early)
-        missing = [n for n in names if n not in sd]
-        if key in _OPTIONAL and missing:
+        if kind == "rows" and ref.shape[0] == 1:
+            kind = "shared"  # one LayerNorm for both towers ("ln" shared), stored under both keys
+        absent = [n for n in names if n not in sd]
+        if key in _OPTIONAL and absent:
             out[key] = ref.clone()
             continue
-        if kind == "rows" and ref.shape[0] == 1:
-            names, missing = names[:1], [n for n in names[:1] if n not in sd]
-        if missing:
-            raise ValueError(f"official state dict lacks {missing[0]!r} (needed for {key!r})")
+        if absent:
+            missing += [f"{n} (for {key})" for n in absent]
+            continue
+        used.update(names)
+        want = ref.shape[1:] if kind == "rows" else ref.shape
+        bad = [n for n in names if not fits(sd[n].shape, want)]
+        if bad:
+            mismatched += [f"{n}: checkpoint {tuple(sd[n].shape)} vs model {tuple(want)}" for n in bad]
+            continue
         if kind == "rows":
-            t = torch.stack([sd[n].reshape(ref.shape[1:]) for n in names])
-        else:
-            t = sd[names[0]]
-        out[key] = t.reshape(ref.shape) if t.numel() == ref.numel() else t
+            out[key] = torch.stack([sd[n].reshape(want) for n in names])
+            continue
+        if kind == "shared":
+            for n in names[1:]:
+                if not torch.equal(sd[n], sd[names[0]]):
+                    aliases.append(f"{names[0]!r} vs {n!r}: {_max_abs_diff(sd[names[0]], sd[n])}")
+        out[key] = sd[names[0]].reshape(ref.shape)
+    unexpected = [k for k in sd if k not in used and k not in _OPTIONAL and not is_ignored_key(k)]
+    raise_if_unfit("official MS-CLIP", missing, unexpected, mismatched)
+    if aliases:
+        raise ValueError("official state dict stores different values under the two keys of a shared tensor "
+                         "(the model has one tensor for both towers): " + "; ".join(aliases[:10])
+                         + (f" ... ({len(aliases)} in all)" if len(aliases) > 10 else ""))
     return out
 
 

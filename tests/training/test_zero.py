@@ -35,7 +35,9 @@ def reference(digits_shards, tmp_path_factory):
             "siglip": _plain(digits_shards, tmp_path_factory.mktemp("plain_siglip"), "--loss", "siglip")}
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+# ZeRO-1 shares DeepSpeed's stage-1/2 optimizer with ZeRO-2 and runs in
+# test_uneven_ranks_end_epoch_together: one fewer 2-rank launch (CI time)
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_zero_stage_matches_single_process(stage, digits_shards, tmp_path, reference, train_args):
     run = tmp_path / f"zero{stage}"
     loss = "siglip" if stage == 2 else "clip"

@@ -1,4 +1,4 @@
-"""Packed execution under DeepSpeed ZeRO-2 and ZeRO-3 (2 CPU ranks, gloo) equals the plain
+"""Packed execution under DeepSpeed ZeRO-3 (2 CPU ranks, gloo) equals the plain
 single-process PyTorch loop running the per-tower path (issue 3, DESIGN §3).
 
 Same protocol as test_zero.py: msclip-tiny (no BatchNorm, so per-rank batches do not change
@@ -31,7 +31,10 @@ def per_tower_reference(digits_shards, tmp_path_factory):
     return _losses(run)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+# ZeRO-3 only: msclip-tiny runs packed by default, so test_zero.py's ZeRO-0/2/3 runs are packed
+# runs already; what this adds is packed == per tower under ZeRO-3's parameter partitioning
+# (ZeRO-2 dropped for CI time: its parameters are whole on every rank, as in the plain loop)
+@pytest.mark.parametrize("stage", [3])
 def test_packed_zero_matches_plain_per_tower(stage, digits_shards, tmp_path, per_tower_reference, train_args):
     run = tmp_path / f"packed_zero{stage}"
     wall = _launch(train_args(digits_shards, run, "--ds_config", f"configs/ds/zero{stage}.json", "--packed",
