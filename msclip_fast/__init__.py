@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "ops": ("msclip_fast.ops", None),
     "get_tokenizer": ("msclip_fast.data.tokenizer", "get_tokenizer"),
+    "integrations": ("msclip_fast.integrations", None),
     "ClipLoss": ("msclip_fast.losses", "ClipLoss"),
     "SigLipLoss": ("msclip_fast.losses", "SigLipLoss"),
     "create_model": ("msclip_fast.models", "create_model"),

@@ -135,8 +135,12 @@ class TextTower(nn.Module):
             lengths: ``(B,)`` host lengths ``eot + 1`` (tensor or sequence), e.g. the loader's
                 ``batch["text_lengths"]``; None computes them from ``tokens``
                 (:func:`~msclip_fast.modules.packing.text_lengths`: one host sync for device
-                tokens). Checked against CPU tokens; trusted for device tokens. Unused
-                when not trimming.
+                tokens). Checked against CPU tokens; trusted for device tokens and under
+                ``torch.compile``. Unused when not trimming. Under ``torch.compile`` pass
+                them as a Python list of ints (``batch["text_lengths"].tolist()`` outside the
+                compiled function): a tensor's values, or computing them from the tokens, are
+                read on the host (a graph break); each new set of lengths is a new graph
+                (they are specialized, as host shapes are).
             trim: trim at EOT.
         Returns:
             ``(x (rows, D), pack, pool_rows (B,) int64 on x's device)``.
@@ -155,11 +159,22 @@ class TextTower(nn.Module):
             pool = tokens.argmax(dim=-1) + torch.arange(B, device=tokens.device) * L
             return x.reshape(B * L, D), PackedBatch.from_seqlens([(TEXT, [L] * B)], dev), pool
         lens = self._host_lengths(tokens, lengths)
-        n = torch.tensor(lens, dtype=torch.int64)
-        ends = n.cumsum(0)
-        pos = torch.arange(int(ends[-1]) if B else 0) - torch.repeat_interleave(ends - n, n)
-        rows = torch.repeat_interleave(torch.arange(B) * L, n) + pos
-        index = torch.cat([rows, ends - 1])
+        if torch.compiler.is_compiling():
+            # the same index from host ints (a graph constant): repeat_interleave by a tensor
+            # and int(ends[-1]) would break a torch.compile graph
+            ends, a = [], 0
+            for b in lens:
+                a += b
+                ends.append(a)
+            index = torch.tensor([b * L + p for b, n in enumerate(lens) for p in range(n)] + [e - 1 for e in ends],
+                                 dtype=torch.int64)
+            rows = index[:sum(lens)]
+        else:
+            n = torch.tensor(lens, dtype=torch.int64)
+            ends = n.cumsum(0)
+            pos = torch.arange(int(ends[-1]) if B else 0) - torch.repeat_interleave(ends - n, n)
+            rows = torch.repeat_interleave(torch.arange(B) * L, n) + pos
+            index = torch.cat([rows, ends - 1])
         if dev.type != "cpu":
             index = index.to(dev, non_blocking=True)
         rows, pool = index[:rows.numel()], index[rows.numel():]
@@ -180,7 +195,9 @@ class TextTower(nn.Module):
         bad = [(b, n) for b, n in enumerate(lens) if not 1 <= n <= L]
         if bad:
             raise ValueError(f"text lengths must lie in [1, {L}], got (caption, length) {bad[:4]}")
-        if tokens.device.type == "cpu":
+        # (under torch.compile given lengths are trusted, as for device tokens: the check reads
+        # token values on the host, a graph break)
+        if tokens.device.type == "cpu" and not torch.compiler.is_compiling():
             want = text_lengths(tokens).tolist()
             wrong = [(b, n, w) for b, (n, w) in enumerate(zip(lens, want)) if n != w]
             if wrong:

@@ -36,3 +36,5 @@ __all__ = [
     "sigmoid_loss",
     "sigmoid_loss_ref",
 ]
+
+from . import custom_ops  # noqa: E402,F401  (registers the msclip_fast:: custom ops for torch.compile)

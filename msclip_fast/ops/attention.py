@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import attention_triton as _att
-from .registry import Backend, Op
+from .registry import Backend, Op, host_readable
 
 
 def validate_attention(q, k, v, cu_seqlens=None, causal=False, scale=None, max_seqlen=None) -> None:
@@ -51,7 +51,7 @@ def validate_attention(q, k, v, cu_seqlens=None, causal=False, scale=None, max_s
             )
         if max_seqlen < 0:
             raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
-    if cu_seqlens.device.type == "cpu":  # elsewhere the check would cost a host sync per call
+    if host_readable(cu_seqlens):  # elsewhere the check would cost a host sync per call
         check_cu_seqlens_host(cu_seqlens, q.shape[0], max_seqlen)
 
 
@@ -294,6 +294,10 @@ def attention(q, k, v, cu_seqlens=None, causal=False, scale=None, max_seqlen=Non
         ValueError: mismatched shapes, a bad ``cu_seqlens``/``causal``/``max_seqlen``, or an
             explicit backend that cannot run these inputs.
     """
+    if torch.compiler.is_compiling():  # one opaque custom-op node (see .custom_ops)
+        from . import custom_ops
+
+        return custom_ops.attention(q, k, v, cu_seqlens, causal, scale, max_seqlen, backend)
     return _OP(q, k, v, cu_seqlens=cu_seqlens, causal=causal, scale=scale, max_seqlen=max_seqlen, backend=backend)
 
 

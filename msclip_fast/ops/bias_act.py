@@ -62,6 +62,10 @@ def bias_act(x, bias=None, act: str = "quick_gelu", backend: str = "auto"):
     Raises:
         ValueError: unknown ``act``, a bias of the wrong shape, or an unusable backend.
     """
+    if torch.compiler.is_compiling():  # one opaque custom-op node (see .custom_ops)
+        from . import custom_ops
+
+        return custom_ops.bias_act(x, bias, act, backend)
     return _OP(x, bias, act=act, backend=backend)
 
 
@@ -126,6 +130,10 @@ def ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, act: str = "quick_gelu", 
     Raises:
         ValueError: unknown ``act``, mismatched shapes, or an unusable backend.
     """
+    if torch.compiler.is_compiling():  # one opaque custom-op node (see .custom_ops)
+        from . import custom_ops
+
+        return custom_ops.ffn(x, fc_weight, fc_bias, proj_weight, proj_bias, act, backend)
     return _FFN(x, fc_weight, fc_bias, proj_weight, proj_bias, act=act, backend=backend)
 
 

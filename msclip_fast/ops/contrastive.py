@@ -75,6 +75,10 @@ def contrastive_loss(img, txt, scale, backend: str = "auto"):
     Raises:
         ValueError: shape mismatch or an unusable backend.
     """
+    if torch.compiler.is_compiling():  # one opaque custom-op node (see .custom_ops)
+        from . import custom_ops
+
+        return custom_ops.contrastive_loss(img, txt, scale, backend)
     return _OP(img, txt, scale, backend=backend)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import layer_norm_triton as _lnt
-from .registry import Backend, Op
+from .registry import Backend, Op, host_readable
 
 
 def validate_modality_layer_norm(x, weight, bias, modality_ids, eps: float = 1e-12, residual=None) -> None:
@@ -39,7 +39,7 @@ def validate_modality_layer_norm(x, weight, bias, modality_ids, eps: float = 1e-
         )
     if modality_ids.is_floating_point() or modality_ids.is_complex() or modality_ids.dtype == torch.bool:
         raise ValueError(f"modality_ids must be an integer tensor, got dtype {modality_ids.dtype}")
-    if modality_ids.device.type == "cpu" and modality_ids.numel():  # elsewhere: a host sync
+    if host_readable(modality_ids) and modality_ids.numel():  # elsewhere: a host sync
         check_ids_host(modality_ids, M)
 
 
@@ -152,6 +152,10 @@ def modality_layer_norm(x, weight, bias, modality_ids, eps: float = 1e-12, resid
         ValueError: shape mismatch, a non-float ``x``/``residual``, an out-of-range modality
             (tensor ids: checked on CPU tensors), or an unusable backend.
     """
+    if torch.compiler.is_compiling():  # one opaque custom-op node (see .custom_ops)
+        from . import custom_ops
+
+        return custom_ops.modality_layer_norm(x, weight, bias, modality_ids, eps, residual, backend)
     return _OP(x, weight, bias, modality_ids, eps=eps, residual=residual, backend=backend)
 
 

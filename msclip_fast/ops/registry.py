@@ -19,7 +19,22 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
+
 logger = logging.getLogger(__name__)
+
+def host_readable(t) -> bool:
+    """Whether a ``validate`` step may read ``t``'s values on the host: a real CPU tensor (not a
+    fake/meta one traced by ``torch.compile``, whose values do not exist; the custom op's real
+    implementation runs the same check eagerly, see :mod:`.custom_ops`)."""
+    if t.device.type != "cpu":
+        return False
+    if type(t) is torch.Tensor:  # a plain tensor (the eager path): real values, no further check
+        return True
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not is_fake(t)
+
 
 BACKEND_NAMES = ("reference", "sdpa", "xformers", "triton", "cpu", "cuda")
 

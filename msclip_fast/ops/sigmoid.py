@@ -95,6 +95,10 @@ def sigmoid_loss(image, text, logit_scale, logit_bias=None, negative_only=False,
     Raises:
         ValueError: shapes, dtypes or arguments as above, or an unusable backend.
     """
+    if torch.compiler.is_compiling():  # one opaque custom-op node (see .custom_ops)
+        from . import custom_ops
+
+        return custom_ops.sigmoid_loss(image, text, logit_scale, logit_bias, negative_only, backend)
     return _OP(image, text, logit_scale, logit_bias, negative_only, backend=backend)
 
 
