@@ -11,9 +11,19 @@ seen exactly once per epoch across ranks even with a single shard, and a skipped
 skipped (and counted) by exactly one rank.  The price is that every rank reads every shard's
 bytes (not decodes them): cheap for the small datasets this engine trains on, and exact.
 
+With a validated index beside every shard (:mod:`msclip_fast.data.index`, written by
+make_shards or ``python -m msclip_fast.data.index DIR``) the epoch follows the index's plan
+instead (:mod:`msclip_fast.data.plan`: two-level shuffle, exact equal per-rank counts in train,
+resume without reading skipped batches): only the planned members are read, by offset, and bad
+samples never reach the decoder; the DALI backend follows the same plan.  Workers then own
+whole batches (batch ``b`` goes to worker ``b % num_workers``), so the batch sequence does not
+depend on ``num_workers``.
+
 Skipped samples are never fatal; ``loader.skipped`` counts them per reason (cumulative over
 epochs): ``missing_image``, ``empty_image``, ``decode_error``, ``oversized``,
 ``missing_caption``, ``empty_caption``, ``shard_error`` (an unreadable tar member / shard).
+With an index the counts come from it, once per epoch, on rank 0 (the samples are left out of
+the plan before ownership is decided).
 """
 from __future__ import annotations
 
@@ -28,6 +38,7 @@ import torch
 from ..modules.packing import text_lengths
 from .images import DEFAULT_MAX_PIXELS, SkipSample, to_rgb_on_white
 from .loader_base import ShardLoaderBase, num_batches
+from .plan import PlannedSample, rank_plan, skip_counts
 from .samples import _seed_int, check_sample, count_skip, owned_samples
 from .tokenizer import get_tokenizer
 from .transforms import CLIP_MEAN, CLIP_STD, TransformConfig, eval_transform, train_transform
@@ -141,18 +152,60 @@ class _EpochStream:
         yield last, dict(counter)
 
 
-class _WorkerDataset(torch.utils.data.IterableDataset):
-    """IterableDataset used when ``num_workers > 0``: worker w owns every nw-th owned sample."""
+class _PlanStream(_EpochStream):
+    """Batches of a rank's epoch plan (:func:`~msclip_fast.data.plan.rank_plan`); worker
+    ``w`` of ``nw`` decodes the batches ``b`` with ``b % nw == w``.  Members are read by their
+    indexed offsets, so nothing outside the plan is read."""
 
-    def __init__(self, urls, cfg: LoaderConfig, epoch: int):
+    def __init__(self, plan: Sequence[PlannedSample], cfg: LoaderConfig, epoch: int, worker: int = 0,
+                 num_workers: int = 1):
+        super().__init__([], cfg, epoch, worker, num_workers)
+        self.plan = plan
+
+    def __iter__(self):
+        cfg, files = self.cfg, {}
+        counter: collections.Counter = collections.Counter()
+        try:
+            for b, start in enumerate(range(0, len(self.plan), cfg.batch_size)):
+                chunk = self.plan[start: start + cfg.batch_size]
+                if b % self.num_workers != self.worker or (cfg.drop_last and len(chunk) < cfg.batch_size):
+                    continue
+                items = []
+                for p in chunk:
+                    f = files.get(p.tar)
+                    if f is None:
+                        f = files[p.tar] = open(p.tar, "rb")
+                    sample: Dict[str, Any] = {"__key__": p.key, "__url__": p.tar}
+                    for ext, offset, size, _name in p.sample.members:
+                        f.seek(offset)
+                        sample[ext] = f.read(size)
+                    try:
+                        items.append(self.decode(sample, self.epoch))
+                    except SkipSample as e:  # the index validated it: the shard changed since
+                        count_skip(counter, e, sample)
+                delta = dict(counter)
+                counter.clear()
+                yield (self._collate(items) if items else None), delta
+        finally:
+            for f in files.values():
+                f.close()
+
+
+class _WorkerDataset(torch.utils.data.IterableDataset):
+    """IterableDataset used when ``num_workers > 0``: worker w owns every nw-th owned sample
+    (stream) or every nw-th batch (plan)."""
+
+    def __init__(self, urls, cfg: LoaderConfig, epoch: int, plan: Optional[Sequence[PlannedSample]] = None):
         super().__init__()
-        self.urls, self.cfg, self.epoch = urls, cfg, epoch
+        self.urls, self.cfg, self.epoch, self.plan = urls, cfg, epoch, plan
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         torch.set_num_threads(1)
-        for batch, delta in _EpochStream(self.urls, self.cfg, self.epoch, wid, nw):
+        stream = (_EpochStream(self.urls, self.cfg, self.epoch, wid, nw) if self.plan is None
+                  else _PlanStream(self.plan, self.cfg, self.epoch, wid, nw))
+        for batch, delta in stream:
             yield {"batch": batch, "skipped": delta}
 
 
@@ -164,31 +217,52 @@ class WebDatasetLoader(ShardLoaderBase):
     """
 
     def __len__(self) -> int:
-        """Batches per epoch on this rank: an upper bound from the manifest (skips lower it)."""
+        """Batches per epoch on this rank: exact with an index, else an upper bound from the
+        manifest (skips lower it)."""
         cfg = self.cfg
         per_rank = self._samples_per_rank()
+        if self.indices is not None:
+            return num_batches(per_rank, cfg.batch_size, cfg.drop_last)
         nw = max(1, cfg.num_workers)
         # Workers batch separately: count each worker's share.
         return sum(num_batches(len(range(w, per_rank, nw)), cfg.batch_size, cfg.drop_last) for w in range(nw))
 
+    def _streams(self):
+        """(in-process stream, plan or None, batches to drop first) for the next epoch."""
+        epoch, start = self.epoch, self.start_batch
+        self.start_batch = 0  # a resume position holds for one iter()
+        if self.indices is None:
+            return _EpochStream(self.urls, self.cfg, epoch), None, start
+        if self.cfg.rank == 0:
+            self._skipped.update(skip_counts(self.indices))
+        plan = rank_plan(self.indices, self.cfg, epoch, start)
+        return _PlanStream(plan, self.cfg, epoch), plan, 0
+
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         epoch = self.epoch
         before = sum(self._skipped.values())
+        stream, plan, drop = self._streams()
         if self.cfg.num_workers == 0:
-            for batch, delta in _EpochStream(self.urls, self.cfg, epoch):
+            for batch, delta in stream:
                 self._skipped.update(delta)
                 if batch is not None:
+                    if drop:  # no index: a resume position is reached by reading up to it
+                        drop -= 1
+                        continue
                     yield batch
         else:
             # Batches come back round-robin from the workers (DataLoader keeps that order), so
             # the sequence is deterministic for a fixed num_workers.
             dl = torch.utils.data.DataLoader(
-                _WorkerDataset(self.urls, self.cfg, epoch), batch_size=None,
+                _WorkerDataset(self.urls, self.cfg, epoch, plan), batch_size=None,
                 num_workers=self.cfg.num_workers, persistent_workers=False,
             )
             for item in dl:
                 self._skipped.update(item["skipped"])
                 if item["batch"] is not None:
+                    if drop:
+                        drop -= 1
+                        continue
                     yield item["batch"]
         n_skipped = sum(self._skipped.values()) - before
         if n_skipped:
@@ -225,12 +299,16 @@ def build_loader(
         rank, world_size: this process's slot; sample i of the epoch stream goes to rank
             ``i % world_size`` (exactly once across ranks).
         seed, epoch: determine order and augmentation (``set_epoch`` changes the epoch).
-        backend: ``"torch"`` (webdataset + PIL) or ``"dali"`` (NVIDIA DALI pipeline).
-        num_workers: DataLoader worker processes (0: decode in this process). The order is
-            deterministic for a given num_workers, but differs between worker counts.
+        backend: ``"torch"`` (webdataset + PIL) or ``"dali"`` (NVIDIA DALI pipeline; needs
+            the index of every shard, see :mod:`msclip_fast.data.index`).
+        num_workers: DataLoader worker processes (0: decode in this process); with
+            ``backend="dali"``, DALI's decoding threads (0: one per core). Without an index the
+            order is deterministic for a given num_workers, but differs between worker counts;
+            with one it does not depend on them.
         drop_last: drop the last partial batch (default: ``train``).
         max_pixels: images with more pixels (from the header) are skipped as ``oversized``.
-        shuffle_buffer: train-time sample shuffle buffer size (0/1 disables).
+        shuffle_buffer: train-time sample shuffle buffer size (0/1 disables) of the stream
+            path; with an index the plan's two-level shuffle replaces it.
         context_length: tokenizer context (77).
     Returns:
         an iterable with ``.set_epoch(e)``, ``.skipped`` and ``len()`` (when a manifest is
@@ -242,7 +320,9 @@ def build_loader(
         the model can trim captions without a device-to-host sync. With ``backend="dali"``,
         ``image`` may be on the GPU; ``text`` and ``text_lengths`` are always on the CPU.
     Raises:
-        ValueError: a bad argument (naming it) or a shard pattern that matches nothing.
+        ValueError: a bad argument (naming it), a shard pattern that matches nothing, a stale
+            index, or (``backend="dali"``) a shard without an index
+            (:class:`~msclip_fast.data.index.IndexMissingError`, naming the command to run).
     """
     if backend not in ("torch", "dali"):
         raise ValueError(f"backend must be 'torch' or 'dali', got {backend!r}")

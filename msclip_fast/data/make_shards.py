@@ -11,6 +11,11 @@ counts per split, class names (``"classes"``; ``label`` indexes it), per-shard c
 reason.  Images are decoded once per distinct content (symlinks and byte-identical copies
 share one decode), composited on white, resized so the shorter side is ``--image-size`` and
 JPEG-encoded, in a process pool.  The split is leak-free (see :mod:`msclip_fast.data.split`).
+
+Beside each shard it also writes the DALI index files of :mod:`msclip_fast.data.index`
+(``NNNNNN.idx`` + ``NNNNNN.idx.json``), built in trusted mode (tar headers only: every sample
+here was already decoded, validated and stored as RGB JPEG, so all are good and none needs a
+fallback).  Index files of an earlier build in the split directory are removed with its shards.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from PIL import Image
 
 from .images import DEFAULT_MAX_PIXELS, SkipSample, open_image, prepare_image
+from .index import build_shard_index
 from .split import duplicate_groups, split_groups
 
 logger = logging.getLogger("msclip_fast.data.make_shards")
@@ -217,13 +223,14 @@ def _decode_all(tasks: List[tuple], workers: int) -> Dict[str, tuple]:
 # ----------------------------------------------------------------------------- writing
 
 
-def _write_split(out_dir: str, split: str, samples: List[tuple], shard_size: int) -> Dict[str, int]:
+def _write_split(out_dir: str, split: str, samples: List[tuple], shard_size: int,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Dict[str, int]:
     import webdataset as wds
 
     d = os.path.join(out_dir, split)
     os.makedirs(d, exist_ok=True)
-    for fn in os.listdir(d):  # stale shards of an earlier build would silently join this one
-        if fn.endswith(".tar"):
+    for fn in os.listdir(d):  # stale shards (and their indexes) of an earlier build would join this one
+        if fn.endswith((".tar", ".idx", ".idx.json")) or ".fallback." in fn:
             os.remove(os.path.join(d, fn))
     counts = {}
     for s in range(0, len(samples), shard_size):
@@ -236,6 +243,7 @@ def _write_split(out_dir: str, split: str, samples: List[tuple], shard_size: int
                 w.write({"__key__": key, "jpg": jpg, "txt": caption, "json": meta})
             w.close()
         os.replace(tmp, path)
+        build_shard_index(path, max_pixels=max_pixels, trusted=True)
         counts[f"{split}/{name}"] = len(samples[s: s + shard_size])
     return counts
 
@@ -331,7 +339,7 @@ def build(args) -> Dict[str, Any]:
     os.makedirs(args.out, exist_ok=True)
     shards = {}
     for name in ("train", "val"):
-        shards.update(_write_split(args.out, name, per_split[name], args.shard_size))
+        shards.update(_write_split(args.out, name, per_split[name], args.shard_size, args.max_pixels))
     t_write = time.time() - t2
 
     manifest = {

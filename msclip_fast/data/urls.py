@@ -7,6 +7,9 @@ import re
 from typing import Iterable, List, Union
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
+# msclip_fast.data.index writes NAME.fallback.tar beside a shard (its samples normalised for
+# DALI): part of that shard's index, never a shard of its own
+FALLBACK_SUFFIX = ".fallback.tar"
 
 
 def expand_braces(pattern: str) -> List[str]:
@@ -43,14 +46,15 @@ def _resolve_one(spec: str) -> List[str]:
     if not spec:
         return []
     if os.path.isdir(spec):
-        found = sorted(glob.glob(os.path.join(glob.escape(spec), "*.tar")))
+        found = sorted(p for p in glob.glob(os.path.join(glob.escape(spec), "*.tar"))
+                       if not p.endswith(FALLBACK_SUFFIX))
         if not found:
             raise ValueError(f"shard directory {spec!r} holds no .tar files")
         return found
     out: List[str] = []
     for pat in expand_braces(spec):
         if any(c in pat for c in "*?["):
-            out.extend(sorted(glob.glob(pat)))
+            out.extend(sorted(p for p in glob.glob(pat) if not p.endswith(FALLBACK_SUFFIX)))
         elif os.path.exists(pat):
             out.append(pat)
         elif "://" in pat or pat.startswith("pipe:"):
@@ -64,7 +68,8 @@ def resolve_urls(spec: Union[str, os.PathLike, Iterable]) -> List[str]:
     """Turn a shard spec into a list of shard paths/URLs (order kept, duplicates removed).
 
     Args:
-        spec: a directory (all its ``*.tar``, sorted), a brace pattern
+        spec: a directory (all its ``*.tar``, sorted; an index's ``*.fallback.tar`` are not
+            shards and are left out, as by globs), a brace pattern
             (``data/train/{000000..000003}.tar``), a glob (``data/*/0*.tar``), a ``::``-joined
             list of those, or a list/tuple of those.
     Returns:

@@ -97,10 +97,10 @@ class TrainLoop:
         ``state.epoch`` / ``state.batch`` across epoch ends (not the step)."""
         k = self.cfg.accum_steps
         while state.epoch < self.cfg.epochs and state.step < self.stop_at:
-            self.loader.set_epoch(state.epoch)
+            # the loader starts at the resume position itself: with a shard index it reads
+            # nothing before it (no decode of the consumed micro-batches)
+            self.loader.set_epoch(state.epoch, start_batch=state.batch)
             it = iter(self.loader)
-            if state.batch and len(_take(it, state.batch)) < state.batch:
-                logger.warning("resume position: epoch %d has fewer than %d micro-batches", state.epoch, state.batch)
             while state.step < self.stop_at:
                 micro = _take(it, k)
                 if self.engine.any_rank(len(micro) < k):  # some rank ran out: end the epoch together

@@ -91,8 +91,14 @@ def _dali_ok():
 
 
 @pytest.mark.skipif(not _dali_ok(), reason="nvidia-dali not importable")
-def test_dali_batches_have_the_same_text_lengths(numbered_shards, bang_shard_dir):
-    for urls in (numbered_shards, bang_shard_dir):
+def test_dali_batches_have_the_same_text_lengths(numbered_shards, bang_shard_dir, tmp_path):
+    import shutil
+
+    from msclip_fast.data.index import build_index
+
+    for i, src in enumerate((numbered_shards, bang_shard_dir)):
+        urls = shutil.copytree(src, tmp_path / str(i))  # never index the shared fixtures in place
+        build_index(str(urls), workers=1, progress=False)
         kw = dict(train=False, image_size=16, drop_last=False)
         dali = list(build_loader(urls, 4, backend="dali", **kw))
         torch_ = list(build_loader(urls, 4, **kw))

@@ -10,7 +10,7 @@ from msclip_fast.data.make_shards import main
 
 def _members(out, split):
     names = {}
-    for fn in sorted(os.listdir(os.path.join(out, split))):
+    for fn in sorted(f for f in os.listdir(os.path.join(out, split)) if f.endswith(".tar")):
         with tarfile.open(os.path.join(out, split, fn)) as tf:
             for m in tf.getmembers():
                 key, ext = m.name.split(".", 1)
