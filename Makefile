@@ -27,8 +27,11 @@ openclipart:
 demo: setup
 	bash scripts/demo.sh
 
+# two pytest-xdist workers (one per core; a test file stays on one worker, so its module
+# fixtures are built once), then the timing-sensitive tests alone (marker `serial`)
 test: setup nvcc-check cpp-test
-	$(VPY) -m pytest -m "not gpu" -q --durations=25 $(PYTEST_ARGS)
+	$(VPY) -m pytest -m "not gpu and not serial" -q -n 2 --dist loadfile --durations=25 $(PYTEST_ARGS)
+	$(VPY) -m pytest -m "not gpu and serial" -q --durations=10 $(PYTEST_ARGS)
 
 test-fast: setup
 	$(VPY) -m pytest -m "not gpu and not slow" -q $(PYTEST_ARGS)

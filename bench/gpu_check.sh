@@ -9,7 +9,12 @@
 #   4. bench_ops   bench/bench_ops.py at CLIP shapes (bf16), JSON
 #   5. bench_loss  bench/bench_loss.py (fails when a backend errors or disagrees with float64), JSON
 #   6. bench_siglip bench/bench_loss.py --loss siglip: the same for the sigmoid loss, a smaller budget, JSON
-#   7. bench_accum bench/bench_accum.py: largest msclip-s-b32 contrastive batch in 40 GiB (bf16), plain vs
+#   7. bench_data  bench/bench_data.py: input pipeline images/s, DALI ("mixed", nvJPEG) vs the torch
+#                  DataLoader, small size, JSON; only when nvidia.dali imports here, else status.txt
+#                  and the summary record that the DALI GPU figure needs a machine with DALI (the
+#                  device machine has no DALI: its wheel, ~476 MiB installed, is far over the 64 MiB
+#                  carry limit; nor Pillow/webdataset, which bench_data then records as not_run, rc 0)
+#   8. bench_accum bench/bench_accum.py: largest msclip-s-b32 contrastive batch in 40 GiB (bf16), plain vs
 #                  exact accumulation vs activation checkpointing, and their step times; its own time
 #                  limit is what the run has left (at most 100 s, less 30 s for startup), JSON
 #   then bench/gpu_summary.py writes OUTDIR/summary.json and OUTDIR/summary.md.
@@ -97,6 +102,18 @@ EOF
 export -f env_info
 export PY OUT ROOT
 
+# bench_data_step LIMIT ARGS...: bench/bench_data.py ARGS when nvidia.dali imports, else a status line
+# saying why not (the DALI figure is this step's point; without DALI it would only time Pillow)
+bench_data_step() {
+  local limit=$1; shift
+  if "$PY" -c "import nvidia.dali" >/dev/null 2>&1; then
+    run_step bench_data "$limit" "$PY" bench/bench_data.py "$@" --json "$OUT/bench_data.json"
+  else
+    echo "bench_data rc=0 0s limit=${limit}s (not run: nvidia.dali is not importable here; the DALI GPU figure needs a machine with DALI)" \
+      | tee -a "$OUT/status.txt"
+  fi
+}
+
 run_step env 40 bash -c 'set -euo pipefail; env_info'
 if [[ "${GPU_CHECK_SKIP_BUILD:-0}" == 1 ]]; then
   echo "build rc=0 0s limit=0s (skipped: GPU_CHECK_SKIP_BUILD=1)" | tee -a "$OUT/status.txt"
@@ -112,6 +129,7 @@ if [[ $DRY == 1 ]]; then
   run_step bench_loss 120 "$PY" bench/bench_loss.py --device cpu --sizes 256,512 --timeout 60 --json "$OUT/bench_loss.json"
   run_step bench_siglip 120 "$PY" bench/bench_loss.py --loss siglip --device cpu --sizes 256,512 --timeout 60 \
     --json "$OUT/bench_siglip.json"
+  bench_data_step 90 --make-shards 80 --source digits --batch-size 8 --warmup 1 --batches 2 --repeats 1
   run_step bench_accum 90 "$PY" bench/bench_accum.py --device cpu --smoke --json "$OUT/bench_accum.json"
 else
   run_step bench_ops 150 "$PY" bench/bench_ops.py --device cuda --json "$OUT/bench_ops.json"
@@ -121,6 +139,9 @@ else
   # triton, reference: check + 2 sizes), so a tighter limit than bench_loss's
   run_step bench_siglip 100 "$PY" bench/bench_loss.py --loss siglip --device cuda --dtype bf16 --sizes 8192,32768 \
     --timeout 60 --json "$OUT/bench_siglip.json"
+  # small: ~1000 samples, 3 rounds of 10 batches per (backend, mode); openclipart when installed
+  bench_data_step 90 --make-shards 1000 --source "$([[ -d /usr/share/openclipart/png ]] && echo openclipart || echo digits)" \
+    --warmup 2 --batches 10 --repeats 3
   ACCUM_LIMIT=$(( LIMIT_TOTAL - ($(date +%s) - START) ))
   if (( ACCUM_LIMIT > 100 )); then ACCUM_LIMIT=100; fi
   run_step bench_accum "$ACCUM_LIMIT" "$PY" bench/bench_accum.py --device cuda \

@@ -2,8 +2,8 @@
 
 Reads what the steps left in OUT: ``status.txt`` (one ``NAME rc=R Ss limit=Ls`` line per step),
 ``budget.txt``, ``pytest_gpu.json`` (bench/gpu_pytest.py), ``bench_ops.json``, ``bench_loss.json``,
-``bench_siglip.json`` and ``bench_accum.json`` (their ``headline`` numbers, schema in
-bench/report.py), ``info.json``.
+``bench_siglip.json``, ``bench_accum.json`` and ``bench_data.json`` (their ``headline`` numbers,
+schema in bench/report.py), ``info.json``.
 summary.json::
 
     {"dry_run": bool, "device": str, "date": ISO-8601 UTC, "commit": str, "total_s": int,
@@ -11,6 +11,8 @@ summary.json::
      "tests": {"passed", "failed", "skipped", "compiles" | "compiles_predicted", "budget_compiles"},
      "headline": {"ops.<key>": ratio, "loss.<key>": ratio, "siglip.<key>": ratio, "accum.<key>": number},
      "accum": {"budget_mib", "largest": {config: {"n", "capped", "stopped"}}} (when bench_accum ran),
+     "data": {"ran", "dali_version", "dali_device", "not_run": {name: reason}, "note"} (bench_data:
+             its JSON, or the status line saying why it did not run, e.g. no DALI on this machine),
      "problems": [str]}
 
 Exit status 1 when any step failed, or (dry run) when the predicted compile count exceeds
@@ -68,7 +70,7 @@ def summarize(out: Path, dry_run: bool, total_s: int | None) -> dict:
     if py.get("fatal_import_errors"):
         problems += [f"gpu test module not importable: {k}: {v}" for k, v in py["fatal_import_errors"].items()]
     headline = {}
-    for name in ("ops", "loss", "siglip", "accum"):
+    for name in ("ops", "loss", "siglip", "accum", "data"):
         for k, v in (_load(out / f"bench_{name}.json").get("headline") or {}).items():
             headline[f"{name}.{k}"] = v
     try:
@@ -91,6 +93,7 @@ def summarize(out: Path, dry_run: bool, total_s: int | None) -> dict:
         "tests": tests,
         "headline": headline,
         "accum": accum_summary(_load(out / "bench_accum.json")),
+        "data": data_summary(_load(out / "bench_data.json"), steps),
         "problems": problems,
     }
 
@@ -102,6 +105,20 @@ def accum_summary(doc: dict) -> dict | None:
     return {"budget_mib": (doc.get("settings") or {}).get("budget_mib"),
             "largest": {x["config"]: {"n": x.get("largest_n"), "capped": x.get("capped"), "stopped": x.get("stopped")}
                         for x in doc["largest"]}}
+
+
+def data_summary(doc: dict, steps: list[dict]) -> dict | None:
+    """bench_data's DALI version / decoder and what it did not run; without its JSON, the status
+    line's note (e.g. DALI not importable: the DALI GPU figure needs a machine with DALI)."""
+    step = next((x for x in steps if x["step"] == "bench_data"), None)
+    if not doc:
+        return None if step is None else {"ran": False, "dali_version": None, "dali_device": None, "not_run": {},
+                                           "note": step["note"] or "no bench_data.json"}
+    st = doc.get("settings") or {}
+    nr = doc.get("not_run") or {}
+    note = ("the DALI figure needs a machine with DALI: " + nr["dali"]) if "dali" in nr else ""
+    return {"ran": True, "dali_version": st.get("dali_version"), "dali_device": st.get("dali_device"),
+            "not_run": nr, "note": note}
 
 
 def to_markdown(s: dict) -> str:
@@ -128,6 +145,13 @@ def to_markdown(s: dict) -> str:
         lines += ["", f"bench_accum, largest contrastive batch in {budget}: " + "; ".join(
             f"{c} {'>= ' if x.get('capped') else ''}{x.get('n') if x.get('n') is not None else 'none'}"
             + f" ({x.get('stopped')})" for c, x in a["largest"].items())]
+    d = s.get("data")
+    if d:
+        if not d["ran"]:
+            lines += ["", f"bench_data: {d['note']}"]
+        else:
+            lines += ["", f"bench_data: DALI {d['dali_version'] or 'not importable'}, decoder {d['dali_device'] or '-'}"
+                      + "".join(f"; not run: {k}: {v}" for k, v in d["not_run"].items())]
     if s["problems"]:
         lines += ["", "## Problems", *[f"- {p}" for p in s["problems"]]]
     return "\n".join(lines) + "\n"

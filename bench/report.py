@@ -25,6 +25,7 @@ To re-measure and regenerate (CPU, a few minutes each on 2 cores)::
     python bench/bench_packed.py --repeats 5 --json bench/results/packed-cpu.json
     python bench/bench_trim.py --json bench/results/trim-cpu.json
     python bench/bench_accum.py --json bench/results/accum-cpu.json
+    python bench/bench_data.py --make-shards 2000 --json bench/results/data-cpu.json
     python -m bench.report --write bench/RESULTS.md --charts bench/charts
 
 JSON schema (version 1)
@@ -32,7 +33,7 @@ JSON schema (version 1)
 Every bench script's ``--json`` writes one object::
 
     schema      1
-    benchmark   "loss" | "siglip" | "ops" | "train_step" | "packed" | "trim" | "accum"
+    benchmark   "loss" | "siglip" | "ops" | "train_step" | "packed" | "trim" | "accum" | "data"
     meta        where/when/how (bench/_common.py run_meta):
                   machine   {cpu, cores (usable), logical_cpus, torch_threads, gpu (name | null),
                              gpu_count, cuda, python, platform, load_avg and load_avg_end
@@ -47,7 +48,7 @@ Every bench script's ``--json`` writes one object::
     settings    the benchmark's parameters (below)
     rows        list of result objects (below)
     headline    {name: number}: a few ratios for summaries (bench/gpu_check.sh reads them)
-    status      "ok" | "failed" (loss, siglip, ops);  failures: [str] naming implementation and error
+    status      "ok" | "failed" (loss, siglip, ops, data);  failures: [str] naming implementation and error
 
 ``loss`` (bench_loss.py): settings {sizes, dim, dtype, scale, repeats, check_n, timeout_s,
 max_mem_gib, impls, specs, peer_versions, total_s}; rows {impl, n, status "ok" | "not_run" |
@@ -114,6 +115,21 @@ round_ratio_median, round_ratio_min, round_ratio_max (the two variants' steps of
 flop_ratio}}. Headline
 ``accum_largest_<config>``, ``accum_batch_<config>_vs_plain``, ``accum_time_<ratio>``.
 
+``data`` (bench_data.py, the input pipeline): settings {source, shards, samples, shard_image_size,
+image_size, threads (DALI num_threads = torch num_workers = index workers), batch_size, warmup,
+batches, repeats, modes, seed, dali_version (null: not importable), dali_device ("cpu" | "mixed" |
+null), torch_decoder, pillow, webdataset, make_shards_s, total_s}; rows {backend "torch" | "dali",
+mode "train" | "eval", status "ok" | "not_run" | "failed", images_per_s (median over the rounds),
+iqr_images_per_s, ratio (dali rows: dali / torch of the medians, > 1: DALI faster),
+round_ratio_median (of the same-round ratios), startup_s (median time to the first batch),
+repeats, batches, warmup, batch_size, threads, images_timed, runs_images_per_s (one per round),
+decoder ("PIL" | "dali-cpu" | "dali-mixed"), reason}; index [{kind "trusted" (make_shards' header-only
+build) | "validating" (build_index force=True: every image decoded once), status, seconds, shards,
+samples, shards_per_s, samples_per_s, workers, good, fallback {reason: n}, skipped {reason: n},
+reason}]; not_run {name: reason} ("dali", "all", "<backend>_<mode>"). Headline
+``data_dali_vs_torch_images_per_s_<mode>``, ``data_<torch|dali>_images_per_s_<mode>``,
+``data_index_build_samples_per_s`` (validating), ``data_index_trusted_samples_per_s``.
+
 Numbers are null where not measured (JSON has no NaN).
 """
 from __future__ import annotations
@@ -132,11 +148,12 @@ ROOT = _common.ROOT
 SCHEMA = _common.SCHEMA
 NAME = "bench_report"
 BEGIN, END = _common.markers(NAME)
-ORDER = ("loss", "siglip", "ops", "train_step", "packed", "trim", "accum")
+ORDER = ("loss", "siglip", "ops", "train_step", "packed", "trim", "accum", "data")
 TITLES = {"loss": "Contrastive loss", "siglip": "Sigmoid (SigLIP) loss", "ops": "Ops vs PyTorch",
           "train_step": "Train step throughput", "packed": "Packed vs per-tower",
           "trim": "Text trimmed at EOT vs padded",
-          "accum": "Exact accumulation and activation checkpointing"}
+          "accum": "Exact accumulation and activation checkpointing",
+          "data": "Input pipeline: DALI vs torch DataLoader"}
 _ROW_KEYS = {
     "loss": ("impl", "n", "status"),
     "siglip": ("impl", "n", "status"),
@@ -146,6 +163,7 @@ _ROW_KEYS = {
     "trim": ("preset", "batch", "gflop_trimmed", "gflop_padded", "flop_ratio", "trimmed_ms", "padded_ms",
              "time_ratio"),
     "accum": ("config", "n", "fits", "peak_mib"),
+    "data": ("backend", "mode", "status"),
 }
 _META_KEYS = ("machine", "command", "date_utc", "commit", "device")
 
@@ -583,8 +601,67 @@ def _accum_body(doc: dict) -> list[str]:
     return lines
 
 
+def _data_body(doc: dict) -> list[str]:
+    s = doc.get("settings", {})
+    dev = s.get("dali_device")
+    lines = [
+        f"Images/s of `build_loader` at {s.get('image_size', '?')} px over {s.get('shards', '?')} shards "
+        f"({_f(s.get('samples'), 'd', '?')} samples, {s.get('source', '?')}, stored at "
+        f"{s.get('shard_image_size', '?')} px), batch {s.get('batch_size', '?')}, the same thread count for both "
+        f"backends: {s.get('threads', '?')} (torch: DataLoader `num_workers`, Pillow decoding; DALI "
+        + (f"{s['dali_version']}: `num_threads`, decoding on "
+           f"{'the GPU (mixed, nvJPEG)' if dev == 'mixed' else 'the CPU' if dev == 'cpu' else '–'}, reading the "
+           "shards through the index" if s.get("dali_version") else "(not importable): `num_threads`")
+        + "). Train = random-resized-crop, eval = resize + center crop. Each measurement is a "
+        f"fresh `iter()`; the first {s.get('warmup', '?')} batches (start-up: `first batch s`) are excluded, then "
+        f"{s.get('batches', '?')} batches timed; {s.get('repeats', '?')} rounds, backends alternating within a "
+        "round; median (IQR) over the rounds. Ratio = DALI / torch images/s (> 1: DALI faster): of the medians, "
+        "and the median of the same-round ratios. Load from other processes on a shared machine hits both alike "
+        "but lowers both.",
+        "",
+    ]
+    body = []
+    for r in doc["rows"]:
+        st = r["status"]
+        cell = (lambda k, spec: _f(r.get(k), spec)) if st == "ok" else (lambda k, spec: "FAIL" if st == "failed"
+                                                                          else "not run")
+        body.append([r["backend"], r["mode"], r.get("decoder") or "–", cell("images_per_s", ".1f"),
+                     cell("iqr_images_per_s", ".1f"),
+                     f"{r['ratio']:.2f}x" if r.get("ratio") is not None else "–",
+                     f"{r['round_ratio_median']:.2f}x" if r.get("round_ratio_median") is not None else "–",
+                     cell("startup_s", ".2f"), _f(r.get("repeats"), "d") if st == "ok" else "–"])
+    lines += _table(["backend", "mode", "decoder", "images/s (median)", "IQR", "ratio DALI/torch",
+                     "same-round ratio", "first batch s", "rounds"], body, "---|---|---|---:|---:|---:|---:|---:|---:|")
+    idx = doc.get("index") or []
+    ok = [x for x in idx if x.get("status") == "ok"]
+    if ok:
+        lines += [""]
+        for x in ok:
+            what = ("trusted (make_shards' own build: tar headers only, one shard after the other)"
+                    if x["kind"] == "trusted" else
+                    f"validating (`build_index(..., force=True)`, {x.get('workers', '?')} workers: every image "
+                    "decoded once)")
+            extra = ""
+            if x.get("fallback") or x.get("skipped"):
+                extra = "; " + ", ".join([f"{n} fallback ({k})" for k, n in (x.get("fallback") or {}).items()]
+                                         + [f"{n} skipped ({k})" for k, n in (x.get("skipped") or {}).items()])
+            lines.append(f"- Index build, {what}: {_f(x.get('seconds'), '.2f')} s for {x.get('shards')} shards / "
+                         f"{x.get('samples')} samples = {_f(x.get('shards_per_s'), '.3g')} shards/s, "
+                         f"{_f(x.get('samples_per_s'), '.0f')} samples/s{extra}.")
+    if s.get("make_shards_s") is not None:
+        lines.append(f"- make_shards itself (not part of any figure): {s['make_shards_s']:.1f} s.")
+    notes = [f"{k}: {v}" for k, v in (doc.get("not_run") or {}).items() if k != "all"]
+    notes += [f"index {x['kind']}: {x['reason']}" for x in idx if x.get("status") == "not_run" and x.get("reason")
+              and not (doc.get("not_run") or {}).get("all")]
+    if (doc.get("not_run") or {}).get("all"):
+        notes.insert(0, f"everything: {doc['not_run']['all']}")
+    if notes:
+        lines += ["", "Not run: " + "; ".join(dict.fromkeys(n.replace("|", "/") for n in notes)) + "."]
+    return lines
+
+
 _BODY = {"loss": _loss_body, "siglip": _loss_body, "ops": _ops_body, "train_step": _train_step_body,
-         "packed": _packed_body, "trim": _trim_body, "accum": _accum_body}
+         "packed": _packed_body, "trim": _trim_body, "accum": _accum_body, "data": _data_body}
 
 
 def title(doc: dict) -> str:
@@ -594,7 +671,8 @@ def title(doc: dict) -> str:
              "ops": f"{s.get('dtype', '')}{', smoke' if s.get('smoke') else ''}",
              "train_step": None, "packed": ", ".join(s.get("presets") or []) or None, "trim": None,
              "accum": ", ".join(x for x in (s.get("preset"), s.get("precision"), "smoke" if s.get("smoke") else None)
-                                if x) or None}[doc["benchmark"]]
+                                if x) or None,
+             "data": f"{s.get('threads', '?')} threads"}[doc["benchmark"]]
     return f"{TITLES[doc['benchmark']]} ({dev}{', ' + extra if extra else ''})"
 
 
@@ -609,7 +687,7 @@ def render_doc(doc: dict, source: str | None = None, chart: str | None = None, l
     if chart:
         lines += [f"![{title(doc)}]({chart})", ""]
     lines += _BODY[doc["benchmark"]](doc)
-    if doc["benchmark"] in ("loss", "siglip", "ops"):  # the others' headline repeats a table column
+    if doc["benchmark"] in ("loss", "siglip", "ops", "data"):  # the others' headline repeats a table column
         lines += _headline_lines(doc)
     lines += _failure_lines(doc)
     return "\n".join(lines) + "\n"
@@ -836,8 +914,38 @@ def _chart_accum(plt, doc: dict, path: Path) -> bool:
     return True
 
 
+def _chart_data(plt, doc: dict, path: Path) -> bool:
+    rows = [r for r in doc["rows"] if r["status"] == "ok" and r.get("images_per_s")]
+    if not rows:
+        return False
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    fig, ax = plt.subplots(figsize=(7, 0.9 * len(modes) + 1.6))
+    h = 0.38
+    for k, (b, color) in enumerate((("torch", "tab:orange"), ("dali", "tab:blue"))):
+        pts = [(len(modes) - 1 - j + (h / 2 if k == 0 else -h / 2), r) for j, m in enumerate(modes)
+               for r in rows if r["mode"] == m and r["backend"] == b]
+        if pts:
+            ax.barh([y for y, _ in pts], [r["images_per_s"] for _, r in pts], h,
+                    xerr=[(r.get("iqr_images_per_s") or 0) / 2 for _, r in pts], capsize=3, color=color,
+                    label=f"{b} ({pts[0][1].get('decoder')})")
+            for y, r in pts:
+                ax.annotate(f"{r['images_per_s']:.0f}", (r["images_per_s"], y), xytext=(6, -3),
+                            textcoords="offset points", fontsize=7)
+    ax.set_yticks(range(len(modes)))
+    ax.set_yticklabels(modes[::-1])
+    ax.set_xlim(0, 1.55 * max(r["images_per_s"] for r in rows))
+    ax.set_xlabel("images/s (median over rounds; whiskers +/- IQR/2)")
+    ax.legend(fontsize=8, loc="center right")
+    s = doc.get("settings", {})
+    ax.set_title(f"Input pipeline at {s.get('image_size')} px, {s.get('threads')} threads, {doc['meta']['device']}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return True
+
+
 _CHART = {"loss": _chart_loss, "siglip": _chart_loss, "ops": _chart_ops, "train_step": _chart_train_step,
-          "packed": _chart_packed, "trim": _chart_trim, "accum": _chart_accum}
+          "packed": _chart_packed, "trim": _chart_trim, "accum": _chart_accum, "data": _chart_data}
 
 
 def draw_chart(doc: dict, path: Path) -> bool:

@@ -146,7 +146,9 @@ def test_siglip_check_catches_wrong_implementations(bench, fakes, tmp_path, caps
     assert ref["status"] == "ok" and ref["time_s"] > 0
     assert ref["beyond_grads_mib"] == pytest.approx(ref["peak_mib"] - 2 * 64 * 512 * 4 / 2**20, abs=0.01)
     assert rows[("wrong", 64)]["status"] == "not_run" and rows[("wrong", 64)]["beyond_grads_mib"] is None
-    assert doc["headline"]["siglip_reference_max_rel_err"] < 1e-6 and doc["headline"]["siglip_wrong_max_rel_err"] > 1e-3
+    # fp32 vs the float64 oracle: 3e-7 alone, 3e-6 seen with another process loading the cores
+    # (BLAS blocking changes); a wrong implementation is >= 1e-3 off
+    assert doc["headline"]["siglip_reference_max_rel_err"] < 1e-5 and doc["headline"]["siglip_wrong_max_rel_err"] > 1e-3
     assert all(k.startswith("siglip_") for k in doc["headline"])
 
 
