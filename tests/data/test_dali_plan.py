@@ -75,10 +75,17 @@ def indexed(tmp_path_factory, numbered_shards, messy_shard_dir):
     rgba = Image.new("RGBA", (30, 20), (255, 0, 0, 0))
     rgba.paste((0, 0, 255, 255), (0, 0, 15, 20))
     samples.append({"__key__": "rgba", "png": _encode(rgba, "PNG"), "txt": "half transparent"})
+    # bad ones the index leaves out, so DALI never sees them: truncated, oversized
+    jpg = _encode(_smooth(1, 40, 40), "JPEG")
+    samples.insert(3, {"__key__": "truncated", "jpg": jpg[: len(jpg) // 2], "txt": "cut in half"})
+    samples.insert(9, {"__key__": "oversized", "jpg": _encode(_smooth(2, 80, 80), "JPEG"), "txt": "6400 pixels"})
     os.makedirs(root / "pics")
     _write_tar(str(root / "pics" / "000000.tar"), samples)
-    build_index(str(root / "pics"), workers=1, progress=False)
+    build_index(str(root / "pics"), workers=1, progress=False, max_pixels=PICS_MAX_PIXELS)
     return {"numbered": os.path.join(numbered, "train"), "messy": messy, "pics": str(root / "pics")}
+
+
+PICS_MAX_PIXELS = 5000  # the pictures are at most 64 x 64; "oversized" is 80 x 80
 
 
 def _keys(loader):
@@ -177,10 +184,13 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_dali_pixels_match_torch(indexed, train):
     """Eval (central square) and train (random-resized-crop windows drawn from (seed, epoch,
     key)): DALI cuts the torch backend's very windows; only the resampling rounding differs."""
-    kw = dict(train=train, image_size=24, mean=(0, 0, 0), std=(1, 1, 1), seed=11, epoch=3, drop_last=False)
-    t = {k: x for b in build_loader(indexed["pics"], 4, **kw) for k, x in zip(b["key"], b["image"])}
-    a = {k: x for b in build_loader(indexed["pics"], 4, backend="dali", **kw) for k, x in zip(b["key"], b["image"])}
+    kw = dict(train=train, image_size=24, mean=(0, 0, 0), std=(1, 1, 1), seed=11, epoch=3, drop_last=False,
+              max_pixels=PICS_MAX_PIXELS)
+    tl, al = build_loader(indexed["pics"], 4, **kw), build_loader(indexed["pics"], 4, backend="dali", **kw)
+    t = {k: x for b in tl for k, x in zip(b["key"], b["image"])}
+    a = {k: x for b in al for k, x in zip(b["key"], b["image"])}
     assert t.keys() == a.keys() and len(t) == 15
+    assert al.skipped == tl.skipped == {"decode_error": 1, "oversized": 1}
     worst = min((_psnr(a[k], t[k]), k) for k in t)
     assert worst[0] >= 40.0, worst
     if not train:
