@@ -6,6 +6,8 @@ Public API (see DESIGN.md §5)::
     mf.list_models()
     model = mf.create_model("msclip-s-tiny")
     tok = mf.get_tokenizer()
+    model, preprocess_train, preprocess = mf.create_model_and_transforms("msclip-s-tiny")
+    preprocess = mf.get_preprocess(mf.load_model("runs/demo"))   # path/bytes/PIL -> (3,S,S)
     img, txt, scale = model(images, tok(["a photo of a cat"]))
     loss = mf.ClipLoss()(img, txt, scale)
 
@@ -23,9 +25,12 @@ _LAZY = {
     "ClipLoss": ("msclip_fast.losses", "ClipLoss"),
     "SigLipLoss": ("msclip_fast.losses", "SigLipLoss"),
     "create_model": ("msclip_fast.models", "create_model"),
+    "create_model_and_transforms": ("msclip_fast.models", "create_model_and_transforms"),
     "export_state_dict": ("msclip_fast.models", "export_state_dict"),
+    "get_preprocess": ("msclip_fast.models", "get_preprocess"),
     "list_models": ("msclip_fast.models", "list_models"),
     "load_model": ("msclip_fast.models", "load_model"),
+    "Preprocess": ("msclip_fast.data.preprocess", "Preprocess"),
     "text_lengths": ("msclip_fast.modules.packing", "text_lengths"),
 }
 

@@ -15,14 +15,20 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-# `make test` runs the suite in two workers (pytest-xdist), then these alone: they assert on
-# wall-clock ratios or bench output that another worker's load would bend.
+# `make test` runs the suite in two workers (pytest-xdist, --dist loadgroup), then these alone:
+# they assert on wall-clock ratios or bench output that another worker's load would bend.
 SERIAL = ("tests/bench/", "tests/ops/test_contrastive_fused.py::test_speed")
+# Each test file stays on one worker (its module fixtures are built once), except these long
+# files of independent, fixture-free cases, whose tests spread over both workers.
+SPREAD = ("tests/models/test_trim_text.py", "tests/models/test_grad_checkpointing.py")
 
 
 def pytest_collection_modifyitems(config, items):
     import pytest
 
     for item in items:
+        path = item.nodeid.split("::")[0]
         if item.nodeid.startswith(SERIAL):
             item.add_marker(pytest.mark.serial)
+        elif path not in SPREAD:
+            item.add_marker(pytest.mark.xdist_group(path))

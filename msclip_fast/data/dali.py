@@ -48,7 +48,7 @@ from .loader_base import ShardLoaderBase
 from .plan import PlannedSample, rank_plan, runs, skip_counts
 from .samples import IMAGE_EXTS, TEXT_EXTS, _seed_int
 from .tokenizer import get_tokenizer
-from .transforms import random_resized_crop_params
+from .transforms import center_crop_box, random_resized_crop_params
 
 logger = logging.getLogger(__name__)
 
@@ -115,8 +115,8 @@ class DaliLoader(ShardLoaderBase):
                     rng = random.Random(_seed_int(cfg.seed, epoch, p.key))
                     top, left, ch, cw = random_resized_crop_params(w, h, t.scale, t.ratio, rng)
                 else:
-                    m = min(w, h)
-                    top, left, ch, cw = (h - m) / 2, (w - m) / 2, m, m
+                    left, top, right, bottom = center_crop_box(w, h)
+                    ch, cw = bottom - top, right - left
                 starts.append(np.array([top, left], np.float32))
                 ends.append(np.array([top + ch, left + cw], np.float32))
             yield starts, ends

@@ -90,19 +90,34 @@ class LoaderConfig:
 
 
 class _SampleDecoder:
-    """Raw webdataset sample dict -> (image tensor, caption, key, meta) or SkipSample."""
+    """Raw webdataset sample dict -> (image tensor, caption, key, meta) or SkipSample.
+
+    Raises:
+        SkipSample: a bad sample (counted by the caller).
+        RuntimeError: anything else raised while converting/transforming the image, with the
+            sample key and shard URL in the message and the original exception chained: an
+            error from deep inside PIL or torch otherwise names no sample.
+    """
 
     def __init__(self, cfg: LoaderConfig):
         self.cfg = cfg
 
     def __call__(self, sample: Dict[str, Any], epoch: int):
         c = check_sample(sample, self.cfg.max_pixels)
-        im = to_rgb_on_white(c.image)
-        if self.cfg.train:
-            rng = random.Random(_seed_int(self.cfg.seed, epoch, c.key))
-            x = train_transform(im, self.cfg.transform, rng)
-        else:
-            x = eval_transform(im, self.cfg.transform)
+        try:
+            im = to_rgb_on_white(c.image)
+            if self.cfg.train:
+                rng = random.Random(_seed_int(self.cfg.seed, epoch, c.key))
+                x = train_transform(im, self.cfg.transform, rng)
+            else:
+                x = eval_transform(im, self.cfg.transform)
+        except SkipSample:
+            raise
+        except Exception as e:
+            w, h = c.image.size
+            kind = "train" if self.cfg.train else "eval"
+            raise RuntimeError(f"{kind} transform failed on sample {c.key!r} ({w}x{h} {c.image.mode}) of shard "
+                               f"{sample.get('__url__')!r}: {type(e).__name__}: {e}") from e
         return x, c.caption, c.key, c.meta
 
 

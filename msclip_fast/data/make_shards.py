@@ -2,7 +2,7 @@
 
     python -m msclip_fast.data.make_shards --source openclipart|digits|folder --out DIR
         [--image-size N] [--val-fraction F] [--seed S] [--limit N] [--tsv FILE] [--root DIR]
-        [--workers N] [--shard-size N] [--max-pixels N]
+        [--workers N] [--shard-size N] [--max-pixels N] [--no-progress]
 
 Writes ``DIR/train/NNNNNN.tar``, ``DIR/val/NNNNNN.tar`` (members ``KEY.jpg``, ``KEY.txt``,
 ``KEY.json`` with ``{"class", "label", "source", "uid", ...}``) and ``DIR/manifest.json``:
@@ -16,6 +16,11 @@ Beside each shard it also writes the DALI index files of :mod:`msclip_fast.data.
 (``NNNNNN.idx`` + ``NNNNNN.idx.json``), built in trusted mode (tar headers only: every sample
 here was already decoded, validated and stored as RGB JPEG, so all are good and none needs a
 fallback).  Index files of an earlier build in the split directory are removed with its shards.
+
+The slow phases (reading the captions and image files, decoding, writing the shards) show tqdm
+progress bars on stderr (``--no-progress`` turns them off; stdout keeps only the final JSON line).
+A mistake in the arguments or the input (a missing ``--tsv`` or ``--root``...) is one ``error:``
+line on stderr and exit status 2 (:func:`msclip_fast.cli.run_cli`).
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from PIL import Image
 
+from ..cli import run_cli
 from .images import DEFAULT_MAX_PIXELS, SkipSample, open_image, prepare_image
 from .index import build_shard_index
 from .split import duplicate_groups, split_groups
@@ -71,6 +77,15 @@ class Candidate:
     meta: Dict[str, Any] = field(default_factory=dict)
 
 
+def _progress(args, iterable=None, **kw):
+    """A tqdm bar on stderr, or a no-op one under ``--no-progress`` (``build`` may be handed a
+    Namespace without that field by in-process callers: bars on then, as on the command line)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, disable=bool(getattr(args, "no_progress", False)),
+                **kw)
+
+
 # ----------------------------------------------------------------------------- sources
 
 
@@ -81,7 +96,8 @@ def _openclipart(args, skipped: collections.Counter) -> tuple[List[Candidate], L
     classes = sorted({it.cls for it in items})
     items = _limit(items, args.limit, lambda it: it.rel)
     cands, extra = [], collections.Counter()
-    for it in items:
+    # one SVG parse per item: the first slow phase on the full library
+    for it in _progress(args, items, desc="reading captions", unit="svg"):
         cap, fields = caption_from_svg_file(it.svg)
         if fields.error:
             extra[f"svg_{fields.error.split(':')[0]}"] += 1
@@ -138,6 +154,8 @@ def _folder(args, skipped: collections.Counter) -> tuple[List[Candidate], List[s
         raise ValueError("--source folder needs --tsv FILE (lines: path<TAB>caption[<TAB>class])")
     root = args.root or os.path.dirname(os.path.abspath(args.tsv))
     cands, seen = [], set()
+    if not os.path.isfile(args.tsv):
+        raise FileNotFoundError(2, "--tsv file not found", args.tsv)
     with open(args.tsv, encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, 1):
             line = line.rstrip("\n\r")
@@ -202,29 +220,35 @@ def _decode_task(task):
         return digest, "oversized", None, 0, 0
 
 
-def _decode_all(tasks: List[tuple], workers: int) -> Dict[str, tuple]:
+def _decode_all(tasks: List[tuple], workers: int, args=None) -> Dict[str, tuple]:
     results: Dict[str, tuple] = {}
     t0 = time.time()
-    if workers <= 1 or len(tasks) < 8:
-        _worker_init(tasks[0][3] if tasks else DEFAULT_MAX_PIXELS)
-        it = map(_decode_task, tasks)
-        for n, r in enumerate(it, 1):
-            results[r[0]] = r
+    bar = _progress(args, total=len(tasks), desc="decoding images", unit="img")
+    try:
+        if workers <= 1 or len(tasks) < 8:
+            _worker_init(tasks[0][3] if tasks else DEFAULT_MAX_PIXELS)
+            for r in map(_decode_task, tasks):
+                results[r[0]] = r
+                bar.update(1)
+            return results
+        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+        with ctx.Pool(workers, initializer=_worker_init, initargs=(tasks[0][3],), maxtasksperchild=500) as pool:
+            for n, r in enumerate(pool.imap_unordered(_decode_task, tasks, chunksize=1), 1):
+                results[r[0]] = r
+                bar.update(1)
+                # the bar is the progress report; logs (e.g. --no-progress in a batch job) keep a trace
+                if bar.disable and n % 1000 == 0:
+                    logger.info("decoded %d/%d images (%.1fs)", n, len(tasks), time.time() - t0)
         return results
-    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-    with ctx.Pool(workers, initializer=_worker_init, initargs=(tasks[0][3],), maxtasksperchild=500) as pool:
-        for n, r in enumerate(pool.imap_unordered(_decode_task, tasks, chunksize=1), 1):
-            results[r[0]] = r
-            if n % 1000 == 0:
-                logger.info("decoded %d/%d images (%.1fs)", n, len(tasks), time.time() - t0)
-    return results
+    finally:
+        bar.close()
 
 
 # ----------------------------------------------------------------------------- writing
 
 
 def _write_split(out_dir: str, split: str, samples: List[tuple], shard_size: int,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Dict[str, int]:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, bar=None) -> Dict[str, int]:
     import webdataset as wds
 
     d = os.path.join(out_dir, split)
@@ -245,6 +269,8 @@ def _write_split(out_dir: str, split: str, samples: List[tuple], shard_size: int
         os.replace(tmp, path)
         build_shard_index(path, max_pixels=max_pixels, trusted=True)
         counts[f"{split}/{name}"] = len(samples[s: s + shard_size])
+        if bar is not None:
+            bar.update(len(samples[s: s + shard_size]))
     return counts
 
 
@@ -261,6 +287,12 @@ def build(args) -> Dict[str, Any]:
         raise ValueError(f"val_fraction must be in [0, 1), got {args.val_fraction!r}")
     if args.shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {args.shard_size!r}")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"limit must be >= 1, got {args.limit!r}")
+    if not (1 <= args.quality <= 100):
+        raise ValueError(f"quality must be in [1, 100], got {args.quality!r}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out!r} is a file, not a directory")
     skipped: collections.Counter = collections.Counter()
     source_fn = {"openclipart": _openclipart, "digits": _digits, "folder": _folder}[args.source]
     cands, classes, source_info = source_fn(args, skipped)
@@ -269,7 +301,7 @@ def build(args) -> Dict[str, Any]:
 
     # 1. captions and image bytes -> digest (decode-once key).
     kept: List[Candidate] = []
-    for c in cands:
+    for c in _progress(args, cands, desc="reading images", unit="file"):
         if not c.caption:
             skipped["no_caption"] += 1
             continue
@@ -297,7 +329,7 @@ def build(args) -> Dict[str, Any]:
     tasks = [(c.digest, c.path if c.data is None else c.data, args.image_size, args.max_pixels, args.quality)
              for c in order]
     t1 = time.time()
-    results = _decode_all(tasks, args.workers)
+    results = _decode_all(tasks, args.workers, args)
     t_decode = time.time() - t1
 
     good: List[Candidate] = []
@@ -338,8 +370,9 @@ def build(args) -> Dict[str, Any]:
     t2 = time.time()
     os.makedirs(args.out, exist_ok=True)
     shards = {}
-    for name in ("train", "val"):
-        shards.update(_write_split(args.out, name, per_split[name], args.shard_size, args.max_pixels))
+    with _progress(args, total=len(good), desc="writing shards", unit="sample") as bar:
+        for name in ("train", "val"):
+            shards.update(_write_split(args.out, name, per_split[name], args.shard_size, args.max_pixels, bar))
     t_write = time.time() - t2
 
     manifest = {
@@ -395,10 +428,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="skip images with more pixels (read from the header, never decoded)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     return p.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line; returns 0 (ValueError / FileNotFoundError for bad arguments or input)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     m = build(args)
@@ -408,4 +443,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -60,7 +60,12 @@ class TransformConfig:
 
 
 def random_resized_crop_params(w: int, h: int, scale, ratio, rng: random.Random) -> Tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop.get_params, drawing from ``rng``: (top, left, height, width)."""
+    """torchvision's RandomResizedCrop.get_params, drawing from ``rng``: (top, left, height, width).
+
+    All four are ints with ``0 <= left``, ``left + width <= w``, ``0 <= top``,
+    ``top + height <= h`` (both branches clamp), so the resize box cannot leave the image the
+    way a float box can (see :func:`center_crop_box`).
+    """
     area = w * h
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
@@ -103,14 +108,30 @@ def train_transform(im: Image.Image, cfg: TransformConfig, rng: random.Random) -
     return _to_tensor(im, cfg.mean, cfg.std)
 
 
+def center_crop_box(w: int, h: int) -> Tuple[float, float, float, float]:
+    """The source box ``(left, top, right, bottom)`` (pixels) that resize-shorter-side +
+    center-crop reads from a ``w x h`` image: the centered ``min(w, h)`` square.
+
+    Exact for any output size: the square's side is the shorter side itself, never
+    ``size / (size / short)``, whose round-off put the box 1e-14 px outside the image
+    (PIL: "box offset can't be negative") for e.g. 249x429 at 64 px.  ``left``/``top`` are
+    integers or halves (an odd difference of sides), so the box always lies in
+    ``[0, w] x [0, h]``.
+
+    Raises:
+        ValueError: ``w`` or ``h`` < 1.
+    """
+    if w < 1 or h < 1:
+        raise ValueError(f"image size must be at least 1x1, got {w}x{h}")
+    side = min(w, h)
+    left, top = (w - side) / 2, (h - side) / 2
+    return left, top, left + side, top + side
+
+
 def eval_transform(im: Image.Image, cfg: TransformConfig) -> torch.Tensor:
     """Resize shorter side + center crop + normalise. ``im`` RGB PIL -> ``(3, S, S)`` float32."""
     s = cfg.image_size
-    w, h = im.size
-    scale = s / min(w, h)
     # Resize and crop in one resampling pass: the box is the center region of the source
     # that maps onto the S x S output.
-    cw, ch = s / scale, s / scale
-    left, top = (w - cw) / 2, (h - ch) / 2
-    im = im.resize((s, s), Image.BICUBIC, box=(left, top, left + cw, top + ch))
+    im = im.resize((s, s), Image.BICUBIC, box=center_crop_box(*im.size))
     return _to_tensor(im, cfg.mean, cfg.std)

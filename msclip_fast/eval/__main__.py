@@ -1,4 +1,4 @@
-"""``python -m msclip_fast.eval {zeroshot,retrieval} ...`` (see :mod:`msclip_fast.eval.cli`)."""
+"""``python -m msclip_fast.eval {zeroshot,retrieval,gallery} ...`` (see :mod:`msclip_fast.eval.cli`)."""
 import sys
 
 from .cli import cli

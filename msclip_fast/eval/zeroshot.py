@@ -12,7 +12,7 @@ import json
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterable, Sequence, Union
+from typing import Callable, Iterable, Mapping, Sequence, Union
 
 import torch
 
@@ -106,21 +106,53 @@ def build_zero_shot_classifier(
         raise ValueError("classnames must not be empty")
     if len(templates) == 0:
         raise ValueError("templates must not be empty")
+    prompts = [[format_prompt(t, prompt_name(c)) for t in templates] for c in classnames]
+    return build_prompt_classifier(model, prompts, tokenizer=tokenizer, batch_size=batch_size)
+
+
+@torch.no_grad()
+def build_prompt_classifier(
+    model,
+    prompts: Sequence[Sequence[str]],
+    tokenizer: Callable | None = None,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """Classifier weights from explicit per-class prompt lists (any number per class).
+
+    Args:
+        model: as :func:`build_zero_shot_classifier`.
+        prompts: ``prompts[c]`` = the prompts of class ``c`` (at least one each).
+        tokenizer, batch_size: as :func:`build_zero_shot_classifier`.
+    Returns:
+        ``(C, E)`` float32 on the model's device: row c = the re-normalized mean of class c's
+        L2-normalized prompt embeddings.
+    Raises:
+        ValueError: no classes, or a class without prompts.
+    """
+    if len(prompts) == 0:
+        raise ValueError("prompts must not be empty")
+    empty = [i for i, p in enumerate(prompts) if len(p) == 0]
+    if empty:
+        raise ValueError(f"classes {empty[:10]} have no prompts")
     model = unwrap_model(model)
     if tokenizer is None:
         from ..data.tokenizer import get_tokenizer
 
         tokenizer = get_tokenizer(getattr(model, "context_length", 77))
     device = model_device(model)
-    prompts = [format_prompt(t, prompt_name(c)) for c in classnames for t in templates]
+    flat = [p for ps in prompts for p in ps]
     with_lengths = encode_text_takes_lengths(model)
     feats = []
-    for s in range(0, len(prompts), batch_size):
-        tokens = tokenizer(prompts[s : s + batch_size])
+    for s in range(0, len(flat), batch_size):
+        tokens = tokenizer(flat[s : s + batch_size])
         f = encode_tokens(model, tokens, device, with_lengths=with_lengths).float()
         feats.append(torch.nn.functional.normalize(f, dim=-1))
-    feats = torch.cat(feats).view(len(classnames), len(templates), -1)
-    return torch.nn.functional.normalize(feats.mean(1), dim=-1)
+    feats = torch.cat(feats)
+    rows, start = [], 0
+    for ps in prompts:
+        rows.append(feats[start : start + len(ps)].mean(0))
+        start += len(ps)
+    return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
 
 
 def class_label(meta: dict, index: dict[str, int], num_classes: int) -> int | None:
@@ -150,6 +182,7 @@ def zero_shot_eval(
     tokenizer: Callable | None = None,
     max_batches: int | None = None,
     per_class: bool = False,
+    class_prompts: Mapping[str, Sequence[str]] | None = None,
 ) -> dict:
     """Zero-shot top-1/top-5/balanced accuracy of ``model`` on ``loader``.
 
@@ -164,6 +197,10 @@ def zero_shot_eval(
         tokenizer: default ``msclip_fast.get_tokenizer``.
         max_batches: stop after this many batches (for quick evals during training).
         per_class: add ``"per_class_top1": {name: acc}``.
+        class_prompts: ``{class name: [prompt, ...]}`` (e.g. :func:`train_caption_prompts`):
+            when given, the main metrics use these prompts (a class missing from the mapping
+            keeps its ``templates`` prompts) and ``"plain_prompts"`` holds the metrics of
+            ``templates`` alone on the same image features, for comparison.
     Returns:
         :func:`~msclip_fast.eval.metrics.classification_metrics` keys (``top1``, ``top5``
         when C >= 5, ``balanced_top1``, ``chance_top1``, ``chance_top5``,
@@ -202,12 +239,28 @@ def zero_shot_eval(
             )
         weights = build_zero_shot_classifier(model, classnames, templates, tokenizer=tokenizer)
         x = feats[torch.tensor(keep)].to(weights.device)
-        logits = x @ weights.t()
-        y = torch.tensor(labels, device=logits.device)
-        out = classification_metrics(logits, y, len(classnames))
+        y = torch.tensor(labels, device=weights.device)
+
+        def score(w: torch.Tensor) -> dict:
+            logits = x @ w.t()
+            m = classification_metrics(logits, y, len(classnames))
+            if per_class:
+                m["per_class_top1"] = per_class_accuracy(logits, y, classnames)
+            return m
+
+        if class_prompts is None:
+            out = score(weights)
+        else:
+            missing = [c for c in classnames if not class_prompts.get(c)]
+            if missing:
+                logger.warning("zero-shot: no caption prompts for %d classes (%s); they keep the plain prompts",
+                               len(missing), missing[:10])
+            prompts = [list(class_prompts.get(c) or ()) or
+                       [format_prompt(t, prompt_name(c)) for t in templates] for c in classnames]
+            plain = score(weights)
+            out = score(build_prompt_classifier(model, prompts, tokenizer=tokenizer))
+            out["plain_prompts"] = plain
         out["skipped"] = dict(skipped)
-        if per_class:
-            out["per_class_top1"] = per_class_accuracy(logits, y, classnames)
         return out
     finally:
         model.train(was_training)

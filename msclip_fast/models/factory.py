@@ -1,6 +1,7 @@
 """Presets, model construction and loading (DESIGN §5, checkpoint layout in CONTRACTS)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
+from .config import ModelConfig, TextConfig, VisionConfig
 from .msclip import MSCLIP
 from .official import detect_layout, from_official_state_dict, to_official_state_dict
 from .openai import (OPENAI_EXTRAS, OPENAI_LN_EPS, fits, from_open_clip_state_dict, open_clip_structure_errors, raise_if_unfit,
@@ -65,10 +66,12 @@ def create_model(name: str, pretrained=None, **overrides) -> MSCLIP:
     line names the one in use), e.g. ``create_model("clip-b32", pretrained=sd, act="gelu")``.
 
     Raises:
-        ValueError: unknown preset or bad override; weights that do not fit (missing,
-            unexpected and shape-mismatched keys listed).
+        ValueError: unknown preset or bad override (a tower field given at top level, e.g.
+            ``width=``, says to pass ``vision={...}`` / ``text={...}``); weights that do not
+            fit (missing, unexpected and shape-mismatched keys listed).
     """
     cfg = get_model_config(name)
+    check_overrides(overrides)
     sd = None
     if pretrained is not None:
         sd = read_state_dict(pretrained)
@@ -81,6 +84,70 @@ def create_model(name: str, pretrained=None, **overrides) -> MSCLIP:
     if sd is not None:
         load_pretrained(model, sd)
     return model
+
+
+def check_overrides(overrides: Mapping) -> None:
+    """Reject unknown top-level override names, saying which tower config a name belongs to.
+
+    Raises:
+        ValueError: e.g. ``width``: "width is a field of vision (and text): pass
+            vision={'width': ...}", with the valid top-level fields listed.
+    """
+    top = {f.name for f in dataclasses.fields(ModelConfig)}
+    towers = {"vision": {f.name for f in dataclasses.fields(VisionConfig)},
+              "text": {f.name for f in dataclasses.fields(TextConfig)}}
+    unknown = [k for k in overrides if k not in top]
+    if not unknown:
+        return
+    hints = []
+    for k in unknown:
+        owners = [t for t, names in towers.items() if k in names]
+        if owners:
+            also = f" (and {', '.join(owners[1:])})" if len(owners) > 1 else ""
+            hints.append(f"{k} is a field of {owners[0]}{also}: pass {owners[0]}={{{k!r}: ...}}")
+        else:
+            hints.append(f"{k} is not a config field")
+    raise ValueError(f"unknown override(s) {unknown}: {'; '.join(hints)}. Top-level fields: {sorted(top)}; "
+                     f"vision fields: {sorted(towers['vision'])}; text fields: {sorted(towers['text'])}")
+
+
+def get_preprocess(model, train: bool = False, seed: int | None = None):
+    """The image preprocess of ``model``: a :class:`~msclip_fast.data.preprocess.Preprocess`
+    with its ``image_size`` / ``image_mean`` / ``image_std``, doing exactly what the loaders do
+    (transparency on white; eval: shorter side + center crop; train: the augmentation).
+
+    ``preprocess(path | bytes | PIL image)`` -> ``(3, S, S)`` float32 tensor; stack them for
+    ``model.encode_image``. Works for any MSCLIP (``load_model``, ``create_model``, a
+    DeepSpeed/DDP ``.module`` wrapper); nothing is stored on the model, so its state dict is
+    unchanged.
+
+    Raises:
+        ValueError: ``model`` has no ``image_size`` / ``image_mean`` / ``image_std``.
+    """
+    from ..data.preprocess import Preprocess
+
+    m = model
+    while not hasattr(m, "image_size") and hasattr(m, "module"):
+        m = m.module
+    try:
+        size, mean, std = m.image_size, m.image_mean, m.image_std
+    except AttributeError:
+        raise ValueError(f"model must have image_size, image_mean and image_std, got {type(model).__name__}") from None
+    return Preprocess(size, mean, std, train=train, seed=seed)
+
+
+def create_model_and_transforms(name: str, pretrained=None, **overrides):
+    """``(model, preprocess_train, preprocess_val)`` as open_clip's function of the same name.
+
+    ``model`` is :func:`create_model` ``(name, pretrained, **overrides)`` (training mode);
+    the two preprocess callables are :func:`get_preprocess` ``(model, train=True)`` and
+    ``(model, train=False)``: path / bytes / PIL image -> ``(3, S, S)`` float32.
+
+    Raises:
+        ValueError: as :func:`create_model`.
+    """
+    model = create_model(name, pretrained=pretrained, **overrides)
+    return model, get_preprocess(model, train=True), get_preprocess(model, train=False)
 
 
 def read_state_dict(src, map_location="cpu") -> dict:

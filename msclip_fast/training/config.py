@@ -90,7 +90,7 @@ class TrainConfig:
     resume: str | None = None
     save_every: int = 0
     log_every: int = 1
-    eval_every: int = 0
+    eval_every: int | None = 0  # None: once per epoch, until main resolves it from the loader's length
     no_progress: bool = False
 
     @property

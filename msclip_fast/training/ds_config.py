@@ -9,6 +9,32 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 
+def read_ds_config(path: str) -> dict:
+    """The JSON object in ``path``, checked for what train.py refuses; cheap (no DeepSpeed), so
+    :func:`~.params.validate` calls it before a launcher's ranks spend a minute starting up.
+
+    Raises:
+        ValueError: no such file, not a JSON object, or an ``optimizer``/``scheduler`` section
+            (train.py builds AdamW groups and the schedule itself); the message names the flag
+            and the path.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--ds_config {path!r}: no such file" if not p.exists() else
+                         f"--ds_config {path!r} is not a file")
+    try:
+        cfg = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--ds_config {path!r} cannot be read as JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"--ds_config {path!r} must hold a JSON object, got {type(cfg).__name__}")
+    for section in ("optimizer", "scheduler"):
+        if section in cfg:
+            raise ValueError(f"--ds_config {path!r} has a {section!r} section; remove it (train.py builds "
+                             "the AdamW parameter groups and the warmup+cosine schedule itself)")
+    return cfg
+
+
 def resolve_ds_config(path: str | None, *, batch_size: int, accum_steps: int, world_size: int,
                       grad_clip: float | None, precision: str | None, device_type: str) -> tuple[dict, str, float]:
     """Load a DeepSpeed JSON config and fill it from the flags; returns
@@ -28,19 +54,7 @@ def resolve_ds_config(path: str | None, *, batch_size: int, accum_steps: int, wo
     """
     from .config import check_precision, default_precision
 
-    cfg = {}
-    if path:
-        try:
-            cfg = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"--ds_config {path!r} cannot be read as JSON: {e}") from e
-        if not isinstance(cfg, dict):
-            raise ValueError(f"--ds_config {path!r} must hold a JSON object, got {type(cfg).__name__}")
-    cfg = copy.deepcopy(cfg)
-    for section in ("optimizer", "scheduler"):
-        if section in cfg:
-            raise ValueError(f"--ds_config {path!r} has a {section!r} section; remove it (train.py builds "
-                             "the AdamW parameter groups and the warmup+cosine schedule itself)")
+    cfg = copy.deepcopy(read_ds_config(path)) if path else {}
     for key, value in (("train_micro_batch_size_per_gpu", batch_size),
                        ("gradient_accumulation_steps", accum_steps),
                        ("train_batch_size", batch_size * accum_steps * world_size)):

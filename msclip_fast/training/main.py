@@ -8,6 +8,8 @@ checkpoint) -> the loop -> the final checkpoint and ``summary.json``.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import random
@@ -20,18 +22,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .engine import DeepSpeedEngine, TorchEngine, dist_ready, pick_device, use_deepspeed
 from .loop import TrainLoop, TrainState, gather_skipped
 from .optim import create_optimizer
-from .params import parse_args
+from .params import check_inputs, parse_args
 from .run_files import RunFiles
 from .scalar_params import promote_scalar_params
 from .schedule import create_scheduler
 from .step import NonFiniteLossError
 
-__all__ = ["NonFiniteLossError", "evaluate_loss", "main", "seed_everything"]
+__all__ = ["NonFiniteLossError", "check_run_dir", "evaluate_loss", "main", "quiet_dependency_noise", "seed_everything"]
 
 logger = logging.getLogger("msclip_fast.training")
 
@@ -83,15 +85,69 @@ def _single_process_env() -> None:
         os.environ.setdefault(key, value)
 
 
+class _DropRecord(logging.Filter):
+    """Drops the records of one logger whose unformatted message starts with ``prefix``."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+_CPP_EXTENSION_LOGGER = "torch.utils.cpp_extension"
+_NO_CUDA_RUNTIME = "No CUDA runtime is found"
+
+
+def quiet_dependency_noise() -> None:
+    """Silence what torch and DeepSpeed say on every run that a user can do nothing about.
+
+    Exactly these, nothing else: torch's deprecation FutureWarnings of
+    ``all_gather_into_tensor`` (its own all_gather on gloo calls it once per step) and of
+    ``reduce_scatter_tensor`` (DeepSpeed's ZeRO gradient partitioning calls it each step); and
+    ``torch.utils.cpp_extension``'s "No CUDA runtime is found, using CUDA_HOME=..." record,
+    logged when DeepSpeed's CPU accelerator builds its shared-memory all-reduce op on a CPU
+    machine that has the CUDA toolkit installed (it compiles C++, so CUDA is irrelevant).
+    """
+    for name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+        warnings.filterwarnings("ignore", message=rf".*{name}. is deprecated", category=FutureWarning)
+    ext_logger = logging.getLogger(_CPP_EXTENSION_LOGGER)
+    if not any(isinstance(f, _DropRecord) for f in ext_logger.filters):
+        ext_logger.addFilter(_DropRecord(_NO_CUDA_RUNTIME))
+
+
+def check_run_dir(args) -> None:
+    """The run-directory guards that need no model or engine, run before DeepSpeed starts: a new
+    run must not overwrite one, and ``--resume`` must name a checkpoint of the same ``--model``,
+    ``--loss`` and ``--accum-mode`` (:func:`~.checkpoint.load_checkpoint` checks them again,
+    with the global batch, which needs the world size)."""
+    run_dir = Path(args.output)
+    if not args.resume and (run_dir / "checkpoints" / "latest").exists():
+        raise ValueError(f"--output {run_dir} already holds a run (checkpoints/latest); pass --resume {run_dir} "
+                         "to continue it, or choose a new --output")
+    if args.resume:
+        ckpt = resolve_checkpoint(args.resume)
+        meta = json.loads((ckpt / "meta.json").read_text())
+        for key, flag in (("model", "--model"), ("loss", "--loss"), ("accum_mode", "--accum-mode")):
+            if key in meta and meta[key] != getattr(args, key):
+                raise ValueError(f"checkpoint {ckpt} was trained with {key}={meta[key]!r}, this run has "
+                                 f"{key}={getattr(args, key)!r}: resume with the same {flag}")
+
+
 def main(argv=None) -> dict:
     """Train; returns the summary dict (also written to ``OUTPUT/summary.json``).
+
+    Every check of the user's input that needs no model, loader or process group runs before
+    DeepSpeed is imported: under a launcher, that start-up alone takes most of a minute.
 
     Raises:
         ValueError: bad flags or inputs. NonFiniteLossError: the loss became NaN/inf.
     """
     args = parse_args(argv)
-    # torch's own all_gather on gloo calls its deprecated all_gather_into_tensor once per step
-    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor. is deprecated")
+    check_inputs(args)
+    check_run_dir(args)
+    quiet_dependency_noise()
     distributed = use_deepspeed(args.ds_config)
     if distributed:
         import deepspeed
@@ -127,9 +183,6 @@ def _train(cfg: TrainConfig, rank: int, device: torch.device) -> dict:
     t_start = time.time()
     world_size = cfg.world_size
     run_dir = Path(cfg.output)
-    if not cfg.resume and (run_dir / "checkpoints" / "latest").exists():
-        raise ValueError(f"--output {run_dir} already holds a run (checkpoints/latest); pass --resume {run_dir} "
-                         "to continue it, or choose a new --output")
 
     seed_everything(cfg.seed)  # same init on every rank
     model = create_model(cfg.model, **_model_overrides(cfg))
@@ -163,6 +216,11 @@ def _train(cfg: TrainConfig, rank: int, device: torch.device) -> dict:
     else:
         raise ValueError(f"--train-data {cfg.train_data!r} has no manifest (unknown length): pass --max-steps")
     stop_at = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    if cfg.eval_every is None:  # --val-data without --eval-every
+        cfg = dataclasses.replace(cfg, eval_every=min(steps_per_epoch or stop_at, stop_at))
+        logger.info("--val-data without --eval-every: validation loss every %d steps (%s); pass --eval-every N "
+                    "to choose, 0 for none", cfg.eval_every,
+                    "once per epoch" if cfg.eval_every == steps_per_epoch else "at the last step")
 
     scalar_names = promote_scalar_params(model) if cfg.distributed else []
     optimizer = create_optimizer(model, cfg)

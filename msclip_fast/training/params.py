@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="msclip-tiny", help="preset name (see msclip_fast.list_models())")
     g.add_argument("--train-data", required=False, default=None, help="training shards: dir, brace, glob or '::'-joined")
-    g.add_argument("--val-data", default=None, help="validation shards (used by --eval-every)")
+    g.add_argument("--val-data", default=None,
+                   help="validation shards: their mean loss is logged (val_loss in metrics.jsonl) every "
+                   "--eval-every steps, by default once per epoch")
     g.add_argument("--image-size", type=int, default=None, help="override the preset's image size (px)")
     g.add_argument("--packed", dest="packed", action="store_true",
                    help="run image and text tokens through each shared block in one call; "
@@ -103,8 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", default=None, help="run dir (its latest checkpoint) or checkpoint dir; 'auto' = --output")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     g.add_argument("--log-every", type=int, default=1, help="write metrics every N steps")
-    g.add_argument("--eval-every", type=int, default=0, help="validation loss every N steps on --val-data (0: off)")
+    g.add_argument("--eval-every", type=int, default=None,
+                   help="validation loss every N steps on --val-data (0: off); default with --val-data: once "
+                   "per epoch, or once at the last step when the run stops sooner or the epoch length is "
+                   "unknown")
     g.add_argument("--no-progress", action="store_true", help="disable the tqdm progress bar")
+    # read and removed by msclip_fast.cli.run_cli before parsing; here for --help
+    g.add_argument("--debug", action="store_true",
+                   help="show the traceback of a bad flag or input instead of one 'error:' line (also "
+                   "MSCLIP_FAST_DEBUG=1)")
     return p
 
 
@@ -122,7 +131,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def validate(args: argparse.Namespace) -> None:
     """Check value ranges; fill ``lr_share`` / ``wd_share`` defaults and, for ``--loss siglip``,
-    the SigLIP logit scale / bias initialization."""
+    the SigLIP logit scale / bias initialization. ``eval_every`` stays None (once per epoch,
+    resolved by the trainer once the epoch length is known) only with ``--val-data``."""
     if not args.train_data:
         raise ValueError("--train-data is required")
     positive = ("batch_size", "epochs", "accum_steps", "log_every")
@@ -131,8 +141,12 @@ def validate(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     non_negative = ("warmup", "save_every", "eval_every", "workers", "wd", "lr")
     for name in non_negative:
-        if getattr(args, name) < 0:
+        if getattr(args, name) is not None and getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.eval_every and not args.val_data:
+        raise ValueError(f"--eval-every {args.eval_every} needs --val-data (the validation shards)")
+    if args.eval_every is None and not args.val_data:
+        args.eval_every = 0
     if args.max_steps is not None and args.max_steps < 1:
         raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
     if args.grad_clip is not None and args.grad_clip < 0:
@@ -161,3 +175,29 @@ def validate(args: argparse.Namespace) -> None:
             args.logit_scale_init = SIGLIP_LOGIT_SCALE_INIT
         if args.logit_bias_init is None:
             args.logit_bias_init = SIGLIP_LOGIT_BIAS_INIT
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """What :func:`validate` leaves to the caller because it looks beyond the flags: ``--model``
+    is a preset, ``--ds_config`` a readable DeepSpeed config, and ``--train-data`` /
+    ``--val-data`` name shards that exist (remote URLs pass unchecked). ``train.py`` calls it
+    before importing DeepSpeed, so a typo fails in seconds instead of after every rank's start-up.
+
+    Raises:
+        ValueError: naming the flag and the value (for ``--model``, the known presets).
+    """
+    from ..data.urls import resolve_urls
+    from ..models import list_models
+    from .ds_config import read_ds_config
+
+    presets = list_models()
+    if args.model not in presets:
+        raise ValueError(f"--model {args.model!r} is not a preset; choose one of: {', '.join(presets)}")
+    if args.ds_config:
+        read_ds_config(args.ds_config)
+    for flag, spec in (("--train-data", args.train_data), ("--val-data", args.val_data)):
+        if spec:
+            try:
+                resolve_urls(spec)
+            except ValueError as e:
+                raise ValueError(f"{flag}: {e}") from None

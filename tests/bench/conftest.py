@@ -41,11 +41,21 @@ def bench(request):
     sys.modules.pop(spec.name, None)
 
 
+def write_blocker(d: Path, blocked) -> Path:
+    """Make ``d`` a PYTHONPATH entry whose sitecustomize.py makes ``blocked`` unimportable,
+    in the process and in every child it starts; returns ``d``."""
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "sitecustomize.py").write_text(_BLOCKER.format(blocked=tuple(blocked)))
+    return d
+
+
+@pytest.fixture
+def import_blocker(tmp_path):
+    """``import_blocker(("pkg", ...))`` -> a PYTHONPATH entry (see :func:`write_blocker`)."""
+    return lambda blocked: write_blocker(tmp_path / "blocker_custom", blocked)
+
+
 @pytest.fixture
 def without_gpu_machine_packages(tmp_path):
-    """A PYTHONPATH entry whose sitecustomize.py makes the packages the GPU machine lacks
-    unimportable, in the process and in every child it starts."""
-    d = tmp_path / "blocker"
-    d.mkdir()
-    (d / "sitecustomize.py").write_text(_BLOCKER.format(blocked=MISSING_ON_GPU_MACHINE))
-    return d
+    """A PYTHONPATH entry that makes the packages the GPU machine lacks unimportable."""
+    return write_blocker(tmp_path / "blocker", MISSING_ON_GPU_MACHINE)

@@ -104,19 +104,10 @@ def _run(args, env_extra, tmp_path):
                           capture_output=True, text=True, timeout=120)
 
 
-def _blocker(tmp_path, blocked):
-    d = tmp_path / "block"
-    d.mkdir()
-    from conftest import _BLOCKER
-
-    (d / "sitecustomize.py").write_text(_BLOCKER.format(blocked=tuple(blocked)))
-    return str(d)
-
-
-def test_without_dali_the_torch_rows_still_run(digits_dir, tmp_path):
+def test_without_dali_the_torch_rows_still_run(digits_dir, tmp_path, import_blocker):
     out = tmp_path / "nodali.json"
     p = _run(["--data", str(digits_dir), "--threads", "1", "--modes", "train", *SMALL, "--json", str(out)],
-             {"PYTHONPATH": _blocker(tmp_path, ("nvidia.dali", "webdataset")) + os.pathsep + str(ROOT)}, tmp_path)
+             {"PYTHONPATH": str(import_blocker(("nvidia.dali", "webdataset"))) + os.pathsep + str(ROOT)}, tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     doc = report.validate(json.loads(out.read_text()))
     rows = {r["backend"]: r for r in doc["rows"]}

@@ -106,3 +106,57 @@ def test_openclipart_limit_200(tmp_path):
     import io
     im = Image.open(io.BytesIO(next(iter(tr.values()))["jpg"]))
     assert im.mode == "RGB" and min(im.size) == 48
+
+
+def _tiny_folder(tmp_path, n=8):
+    from PIL import Image
+
+    os.makedirs(tmp_path / "imgs" / "dots", exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (12 + i, 10), (i * 20, 90, 0)).save(tmp_path / "imgs" / "dots" / f"{i}.png")
+    tsv = tmp_path / "imgs" / "list.tsv"
+    tsv.write_text("".join(f"dots/{i}.png\ta green dot {i}\n" for i in range(n)))
+    return str(tsv)
+
+
+def test_progress_bars_on_stderr_and_no_progress(tmp_path, capsys):
+    tsv = _tiny_folder(tmp_path)
+    base = ["--source", "folder", "--tsv", tsv, "--image-size", "8", "--workers", "1", "--val-fraction", "0.25"]
+    assert main(base + ["--out", str(tmp_path / "a")]) == 0
+    out, err = capsys.readouterr()
+    assert [json.loads(out)["counts"]["written"]] == [8]  # stdout: the summary line only
+    for phase in ("reading images", "decoding images", "writing shards"):
+        assert f"{phase}: 100%" in err, err
+    assert "8/8" in err
+
+    assert main(base + ["--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["counts"]["written"] == 8
+    assert "%|" not in err and "decoding images" not in err
+    for sp in ("train", "val"):  # the bars change nothing in the output
+        for fn in os.listdir(tmp_path / "a" / sp):
+            assert (tmp_path / "a" / sp / fn).read_bytes() == (tmp_path / "b" / sp / fn).read_bytes()
+
+
+def test_more_bad_args(tmp_path):
+    (tmp_path / "file").write_text("x")
+    for extra, match in ((["--limit", "0"], "limit"), (["--quality", "0"], "quality"),
+                         (["--out", str(tmp_path / "file")], "is a file")):
+        argv = ["--source", "digits", "--out", str(tmp_path / "o"), *extra]
+        with pytest.raises(ValueError, match=match):
+            main(argv)
+    with pytest.raises(FileNotFoundError, match="tsv"):
+        main(["--source", "folder", "--tsv", str(tmp_path / "missing.tsv"), "--out", str(tmp_path / "o")])
+
+
+def test_cli_user_error_is_one_line_exit_2(tmp_path):
+    """One interpreter start-up: a missing --tsv is one `error:` line, no traceback, exit 2."""
+    import subprocess
+    import sys
+
+    missing = str(tmp_path / "missing.tsv")
+    r = subprocess.run([sys.executable, "-m", "msclip_fast.data.make_shards", "--source", "folder", "--tsv", missing,
+                        "--out", str(tmp_path / "o"), "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [f"error: --tsv file not found: {missing}"]
+    assert r.stdout == ""

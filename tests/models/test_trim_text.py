@@ -8,7 +8,26 @@ from msclip_fast.modules import text_lengths
 
 SOT, EOT, CTX = 49406, 49407, 77
 TINY = [n for n in list_models() if n.endswith("-tiny")]
-FULL = [n for n in list_models() if not n.endswith("-tiny")]
+
+
+def _text_configs_once(names):
+    """One preset per distinct text-side config: trimming acts on the text tower only, so e.g.
+    clip-b16 and clip-b32 (equal but for the vision tower) would repeat the same check."""
+    import dataclasses
+
+    from msclip_fast.models import get_model_config
+
+    seen, out = set(), []
+    for n in names:
+        c = dataclasses.asdict(get_model_config(n))
+        key = repr(sorted((k, v) for k, v in c.items() if k not in ("name", "vision")))
+        if key not in seen:
+            seen.add(key)
+            out.append(n)
+    return out
+
+
+FULL = _text_configs_once(n for n in list_models() if not n.endswith("-tiny"))
 
 
 def _caption(n_words, g, words=None):
