@@ -22,9 +22,9 @@ $(STAMP): requirements.txt setup.py pyproject.toml
 	@echo "== building the C++ extension msclip_fast._C from csrc/ (CPU kernels; CUDA kernels too where nvcc and"
 	@echo "   a CUDA torch exist): about 2-3 minutes on 2 cores, longer with CUDA; full log in $(EXT_LOG)"
 	@{ $(VPY) -m pip install -v --no-build-isolation -e . 2>&1; echo $$? > $(EXT_LOG).rc; } | tee $(EXT_LOG) | \
-	  sed -nuE -e 's#^(\[[0-9]+/[0-9]+\]) .* -c ([^ ]*/)?(csrc/[^ ]+\.(cpp|cu)) .*#  \1 compiling \3#p' \
-	    -e 's#^[^ ]*(c\+\+|g\+\+|gcc|nvcc) .* -c ([^ ]*/)?(csrc/[^ ]+\.(cpp|cu)) .*#  compiling \3#p' \
-	    -e 's#^[^ ]*(c\+\+|g\+\+)( .*)? -shared .*_C\..*#  linking msclip_fast._C#p' \
+	  sed -nuE -e 's#^ *(\[[0-9]+/[0-9]+\]) .* -c ([^ ]*/)?(csrc/[^ ]+\.(cpp|cu)) .*#  \1 compiling \3#p' \
+	    -e 's#^ *[^ []*(c\+\+|g\+\+|gcc|nvcc) .* -c ([^ ]*/)?(csrc/[^ ]+\.(cpp|cu)) .*#  compiling \3#p' \
+	    -e 's#^ *[^ ]*(c\+\+|g\+\+)( .*)? -shared .*_C\..*#  linking msclip_fast._C#p' \
 	    -e '/^msclip_fast\._C:|[Ee]rror|Successfully installed/p'
 	@rc=$$(cat $(EXT_LOG).rc); rm -f $(EXT_LOG).rc; [ "$$rc" = 0 ] || { \
 	  echo "extension build failed (pip exit $$rc); the end of $(EXT_LOG):"; tail -n 40 $(EXT_LOG); exit "$$rc"; }

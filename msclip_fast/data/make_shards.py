@@ -11,6 +11,8 @@ counts per split, class names (``"classes"``; ``label`` indexes it), per-shard c
 reason.  Images are decoded once per distinct content (symlinks and byte-identical copies
 share one decode), composited on white, resized so the shorter side is ``--image-size`` and
 JPEG-encoded, in a process pool.  The split is leak-free (see :mod:`msclip_fast.data.split`).
+Keys follow the sources' sorted order; the samples are written in a ``--seed``-ed random order,
+so every shard mixes the classes (as img2dataset's shards of a shuffled URL list do).
 
 Beside each shard it also writes the DALI index files of :mod:`msclip_fast.data.index`
 (``NNNNNN.idx`` + ``NNNNNN.idx.json``), built in trusted mode (tar headers only: every sample
@@ -32,6 +34,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -367,6 +370,10 @@ def build(args) -> Dict[str, Any]:
                 "group": f"{groups[i]:06d}", **c.meta}
         per_split[split[i]].append((f"{rank:09d}", c.data, c.caption, meta))
         class_counts[split[i]][c.cls] += 1
+    # Written in a seeded random order: uid order is folder (class) order, which would give
+    # shards of one or two classes each, and a shard-level shuffle then batches of one class.
+    for name, samples in per_split.items():
+        random.Random(f"{args.seed}:{name}").shuffle(samples)
     t2 = time.time()
     os.makedirs(args.out, exist_ok=True)
     shards = {}

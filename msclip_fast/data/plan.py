@@ -5,10 +5,13 @@ follow one plan computed from the indices alone, before any byte of image data i
 
 * *sources*: each shard's good samples, then (as a source of its own) the shard's fallback tar
   of samples normalised once at index time; bad samples are not in any source;
-* *order*: eval keeps the sources and their samples in shard order; train shuffles the order of
-  the sources by ``(seed, epoch)`` and the samples inside each source by
-  ``(seed, epoch, source position)`` (a two-level shuffle, as shard shuffle + in-shard
-  shuffle; every sample of a source stays contiguous, so DALI reads each source as one run);
+* *order*: eval keeps the sources and their samples in shard order; train shuffles the samples
+  inside each source by ``(seed, epoch, source position)``, cuts every source into blocks of
+  :func:`block_size` samples and shuffles all blocks together by ``(seed, epoch)``: a batch
+  draws from many shards (a shard shuffle alone would fill whole runs of batches from one
+  shard, and shards written in sorted order then hold one or two classes each), while DALI
+  still reads each block as one contiguous run (one small index file per block, not per
+  sample);
 * *ownership*: sample ``i`` of the epoch order belongs to rank ``i % world_size``; in train the
   order is first cut to a multiple of ``world_size``, so every rank owns the same number of
   samples and takes the same number of steps (each epoch drops fewer than ``world_size``
@@ -76,16 +79,28 @@ def skip_counts(indices: Sequence["ShardIndex"]) -> Dict[str, int]:
     return dict(c)
 
 
+MIN_BLOCK, MAX_BLOCKS = 8, 4096
+
+
+def block_size(n_samples: int) -> int:
+    """Samples per shuffled block: 8, or more once there would be over 4096 blocks (so an
+    epoch's DALI plan stays at a few thousand index files whatever the dataset's size)."""
+    return max(MIN_BLOCK, -(-n_samples // MAX_BLOCKS))
+
+
 def epoch_order(indices: Sequence["ShardIndex"], cfg: "LoaderConfig", epoch: int) -> List[PlannedSample]:
     """All ranks' samples of ``epoch`` in plan order (see the module docstring)."""
     sources = [(tar, list(samples)) for ix in indices for tar, _, samples in ix.sources()]
-    if cfg.train:
-        for j, (_, samples) in enumerate(sources):
-            random.Random(_seed_int("samples", cfg.seed, epoch, j)).shuffle(samples)
-        random.Random(_seed_int("sources", cfg.seed, epoch)).shuffle(sources)
-    order = [PlannedSample(tar, s) for tar, samples in sources for s in samples]
-    if cfg.train:
-        del order[len(order) - len(order) % cfg.world_size:]
+    if not cfg.train:
+        return [PlannedSample(tar, s) for tar, samples in sources for s in samples]
+    b = block_size(sum(len(samples) for _, samples in sources))
+    blocks = []
+    for j, (tar, samples) in enumerate(sources):
+        random.Random(_seed_int("samples", cfg.seed, epoch, j)).shuffle(samples)
+        blocks += [[PlannedSample(tar, s) for s in samples[k:k + b]] for k in range(0, len(samples), b)]
+    random.Random(_seed_int("blocks", cfg.seed, epoch)).shuffle(blocks)
+    order = [p for blk in blocks for p in blk]
+    del order[len(order) - len(order) % cfg.world_size:]
     return order
 
 

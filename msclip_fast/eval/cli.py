@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--num-workers", type=int, default=0, help="loader workers (default: 0)")
         sp.add_argument("--max-batches", type=int, default=None, help="evaluate only the first N batches")
         sp.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        sp.add_argument("--no-progress", action="store_true", help="no progress bar (stderr) over the split")
 
     zs = sub.add_parser("zeroshot", help="zero-shot classification from text prompts",
                         description="Zero-shot top-1/top-5/balanced accuracy with chance levels.")
@@ -113,6 +114,27 @@ def resolve_data(data: str, split: str | None, flag: str = "--data") -> str:
     return data
 
 
+class _Progress:
+    """The loader with a tqdm bar (stderr) over each pass; other attributes (``skipped``...)
+    are the loader's."""
+
+    def __init__(self, loader, desc: str, enabled: bool):
+        self.loader, self.desc, self.enabled = loader, desc, enabled
+
+    def __iter__(self):
+        from tqdm import tqdm
+
+        try:
+            total = len(self.loader)
+        except TypeError:  # no manifest or index: the length is unknown
+            total = None
+        yield from tqdm(self.loader, total=total, desc=self.desc, unit="batch", disable=not self.enabled,
+                        file=sys.stderr, leave=False)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -162,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
         num_workers=args.num_workers,
         drop_last=False,
     )
+    loader = _Progress(loader, f"encoding {Path(data).name or data}", enabled=not args.no_progress)
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16)
         if args.precision == "bf16"

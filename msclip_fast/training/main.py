@@ -150,10 +150,14 @@ def main(argv=None) -> dict:
     quiet_dependency_noise()
     distributed = use_deepspeed(args.ds_config)
     if distributed:
-        import deepspeed
-
         if "RANK" not in os.environ:
             _single_process_env()
+        # the launcher set RANK: log as that rank already, so the slow start below is announced
+        _setup_logging(int(os.environ["RANK"]))
+        logger.info("starting DeepSpeed%s", " (on the CPU its shared-memory all-reduce op is compiled on first "
+                    "use, about a minute; cached after)" if not torch.cuda.is_available() else "")
+        import deepspeed
+
         deepspeed.init_distributed()
         rank, world_size = dist.get_rank(), dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank if args.local_rank >= 0 else 0))
