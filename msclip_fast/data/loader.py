@@ -13,8 +13,8 @@ bytes (not decodes them): cheap for the small datasets this engine trains on, an
 
 With a validated index beside every shard (:mod:`msclip_fast.data.index`, written by
 make_shards or ``python -m msclip_fast.data.index DIR``) the epoch follows the index's plan
-instead (:mod:`msclip_fast.data.plan`: two-level shuffle, exact equal per-rank counts in train,
-resume without reading skipped batches): only the planned members are read, by offset, and bad
+instead (:mod:`msclip_fast.data.plan`: a shuffle of sample blocks across shards, exactly
+equal per-rank counts in train, resume without reading skipped batches): only the planned members are read, by offset, and bad
 samples never reach the decoder; the DALI backend follows the same plan.  Workers then own
 whole batches (batch ``b`` goes to worker ``b % num_workers``), so the batch sequence does not
 depend on ``num_workers``.
@@ -323,7 +323,7 @@ def build_loader(
         drop_last: drop the last partial batch (default: ``train``).
         max_pixels: images with more pixels (from the header) are skipped as ``oversized``.
         shuffle_buffer: train-time sample shuffle buffer size (0/1 disables) of the stream
-            path; with an index the plan's two-level shuffle replaces it.
+            path; with an index the plan's block shuffle across shards replaces it.
         context_length: tokenizer context (77).
     Returns:
         an iterable with ``.set_epoch(e)``, ``.skipped`` and ``len()`` (when a manifest is
