@@ -12,7 +12,9 @@ import collections
 import hashlib
 import json
 import logging
+import os
 import random
+import tarfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Sequence
 
@@ -37,6 +39,37 @@ def _seed_int(*parts: Any) -> int:
     """Stable 64-bit seed from parts (Python's hash() is salted per process; sha1 is not)."""
     h = hashlib.sha1(":".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(h[:8], "little")
+
+
+def tar_samples(url: str, exts=None) -> Iterator[tuple]:
+    """``(key, {ext: bytes})`` of a local tar shard's samples, in order, grouped as webdataset
+    groups them (key: the member path up to the first dot of its file name; consecutive members
+    with one key form a sample). Only members whose lower-case extension is in ``exts`` (all
+    when None) are read; the others are passed over unread, so no image is read for captions.
+
+    Raises:
+        ValueError: the shard is not a readable tar (names it).
+    """
+    try:
+        tf = tarfile.open(url, "r:*")
+    except (OSError, tarfile.TarError) as e:
+        raise ValueError(f"cannot read shard {url!r}: {type(e).__name__}: {e}") from None
+    with tf:
+        cur, fields = None, {}
+        for m in tf:
+            base = os.path.basename(m.name)
+            if not m.isfile() or "." not in base:
+                continue
+            stem, ext = base.split(".", 1)
+            key, ext = os.path.join(os.path.dirname(m.name), stem), ext.lower()
+            if key != cur:
+                if cur is not None:
+                    yield cur, fields
+                cur, fields = key, {}
+            if (exts is None or ext in exts) and ext not in fields:
+                fields[ext] = tf.extractfile(m).read()
+        if cur is not None:
+            yield cur, fields
 
 
 def _raw_stream(urls: Sequence[str], counter: collections.Counter) -> Iterator[Dict[str, Any]]:

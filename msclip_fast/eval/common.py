@@ -135,3 +135,15 @@ def encode_loader_images(model, loader, max_batches: int | None = None):
     """``(features (N,E), metas, keys)`` of the loader's images (see :func:`encode_loader`)."""
     enc = encode_loader(model, loader, text=False, max_batches=max_batches)
     return enc["image"], enc["meta"], enc["key"]
+
+
+def encode_eval(model, loader: Iterable[dict], *, text: bool = False, max_batches: int | None = None) -> dict:
+    """:func:`encode_loader` of the unwrapped model in eval mode; the model's train/eval mode
+    is restored afterwards, whatever happens. Returns and raises as :func:`encode_loader`."""
+    model = unwrap_model(model)
+    was_training = model.training
+    model.eval()
+    try:
+        return encode_loader(model, loader, text=text, max_batches=max_batches)
+    finally:
+        model.train(was_training)

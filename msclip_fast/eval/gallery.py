@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tarfile
 import textwrap
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 
-from .common import encode_loader, unwrap_model
+from .common import encode_eval
 from .metrics import group_ids
 from .prompts import read_shard_captions
 
@@ -36,21 +34,15 @@ GREEN, ORANGE, GREY = "#1a9850", "#f28e2b", "#bbbbbb"
 
 def _read_images(urls: Sequence[str], keys: set[str]) -> dict[str, bytes]:
     """Encoded image bytes of the samples ``keys`` (first image member of each)."""
-    from ..data.samples import IMAGE_EXTS
+    from ..data.samples import IMAGE_EXTS, tar_samples
 
     out: dict[str, bytes] = {}
     for url in urls:
-        with tarfile.open(url, "r:*") as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                base = os.path.basename(m.name)
-                if "." not in base:
-                    continue
-                stem, ext = base.split(".", 1)
-                key = os.path.join(os.path.dirname(m.name), stem)
-                if key in keys and key not in out and ext.lower() in IMAGE_EXTS:
-                    out[key] = tf.extractfile(m).read()
+        for key, fields in tar_samples(url, IMAGE_EXTS):
+            if key in keys and key not in out:
+                img = next((fields[e] for e in IMAGE_EXTS if e in fields), None)
+                if img is not None:
+                    out[key] = img
         if len(out) == len(keys):
             break
     return out
@@ -81,13 +73,7 @@ def retrieve(model, loader: Iterable[dict], *, queries: int = 8, top: int = 5, s
     Raises:
         ValueError: no samples, or fewer than 2.
     """
-    model = unwrap_model(model)
-    was_training = model.training
-    model.eval()
-    try:
-        enc = encode_loader(model, loader, text=True, max_batches=max_batches)
-    finally:
-        model.train(was_training)
+    enc = encode_eval(model, loader, text=True, max_batches=max_batches)
     n = enc["image"].shape[0]
     if n < 2:
         raise ValueError(f"the gallery needs at least 2 samples, got {n}")

@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import re
-import tarfile
 from collections import Counter, defaultdict
 from typing import Iterator, Mapping, Sequence
 
@@ -59,29 +58,11 @@ def read_shard_captions(urls: Sequence[str]) -> Iterator[tuple[str, str, dict]]:
     Raises:
         ValueError: a shard that is not a readable tar (names it).
     """
+    from ..data.samples import tar_samples
+
     for url in urls:
-        try:
-            tf = tarfile.open(url, "r:*")
-        except (OSError, tarfile.TarError) as e:
-            raise ValueError(f"cannot read training shard {url!r}: {e}") from None
-        with tf:
-            cur, fields = None, {}
-            for m in tf:
-                if not m.isfile():
-                    continue
-                base = os.path.basename(m.name)
-                if "." not in base:
-                    continue
-                key = os.path.join(os.path.dirname(m.name), base.split(".", 1)[0])
-                ext = base.split(".", 1)[1].lower()
-                if key != cur:
-                    if cur is not None:
-                        yield from _sample(cur, fields)
-                    cur, fields = key, {}
-                if ext in TEXT_EXTS or ext == "json":
-                    fields[ext] = tf.extractfile(m).read()
-            if cur is not None:
-                yield from _sample(cur, fields)
+        for key, fields in tar_samples(url, (*TEXT_EXTS, "json")):
+            yield from _sample(key, fields)
 
 
 def _sample(key: str, fields: dict):

@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .common import encode_loader, unwrap_model
+from .common import encode_eval
 from .metrics import RECALL_KS, retrieval_metrics
 
 
@@ -44,13 +44,7 @@ def retrieval_eval(
     Raises:
         ValueError: the loader yields no samples or no "text".
     """
-    model = unwrap_model(model)
-    was_training = model.training
-    model.eval()
-    try:
-        enc = encode_loader(model, loader, text=True, max_batches=max_batches)
-    finally:
-        model.train(was_training)
+    enc = encode_eval(model, loader, text=True, max_batches=max_batches)
     return retrieval_metrics(
         enc["image"], enc["text"], captions=enc["captions"] if dedup else None, ks=ks
     )

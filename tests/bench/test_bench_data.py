@@ -6,11 +6,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import BENCH_DIR, ROOT
-
+ROOT = Path(__file__).resolve().parents[2]  # as tests/bench/conftest.py (a module named conftest is ambiguous)
+BENCH_DIR = ROOT / "bench"
 BENCH_SCRIPT = "bench_data"  # the `bench` fixture (conftest.py) loads bench/bench_data.py
 SMALL = ["--batch-size", "8", "--warmup", "1", "--batches", "2", "--repeats", "1"]
 

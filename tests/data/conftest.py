@@ -1,39 +1,24 @@
 """Fixtures for data tests: a hand-made messy shard (bad samples of every kind)."""
-import io
 import json
 import os
 
 import numpy as np
 import pytest
 from PIL import Image
+from shard_files import encode_image, write_tar  # noqa: F401 (write_tar: re-exported to test_index)
 
 
 def _png(im: Image.Image) -> bytes:
-    b = io.BytesIO()
-    im.save(b, format="PNG")
-    return b.getvalue()
+    return encode_image(im, "PNG")
 
 
 def _jpg(im: Image.Image) -> bytes:
-    b = io.BytesIO()
-    im.save(b, format="JPEG")
-    return b.getvalue()
+    return encode_image(im, "JPEG")
 
 
 def make_good_image(i: int, size=(40, 30)) -> Image.Image:
     rng = np.random.default_rng(i)
     return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
-
-
-def write_tar(path, samples):
-    """samples: list of dicts {"__key__", ext: bytes|str|dict}."""
-    import webdataset as wds
-
-    with open(path, "wb") as f:
-        w = wds.TarWriter(f)
-        for s in samples:
-            w.write(s)
-        w.close()
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ the same order for every rank and epoch, the same skips with the same reasons, e
 within decoder rounding (PSNR >= 40 dB), no Pillow call inside a DALI epoch, and a resume
 position reached without reading the batches before it.
 """
-import io
 import math
 import os
 import shutil
@@ -17,23 +16,9 @@ from PIL import Image
 
 from msclip_fast.data import build_loader
 from msclip_fast.data.index import IndexMissingError, build_index
+from shard_files import encode_image as _encode
+from shard_files import write_tar as _write_tar
 
-
-
-def _encode(im: Image.Image, fmt: str) -> bytes:
-    b = io.BytesIO()
-    im.save(b, format=fmt)
-    return b.getvalue()
-
-
-def _write_tar(path, samples):
-    import webdataset as wds
-
-    with open(path, "wb") as f:
-        w = wds.TarWriter(f)
-        for s in samples:
-            w.write(s)
-        w.close()
 
 
 def _dali_ok():

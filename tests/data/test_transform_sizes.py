@@ -3,7 +3,6 @@
 The old eval box, ``cw = s / (s / short)``, came out 1e-14 px off for some shorter sides
 (PIL: "box offset can't be negative"): 98, 103, 107, 196, 249, ... at 64 px.
 """
-import io
 import random
 
 import numpy as np
@@ -114,9 +113,9 @@ def test_train_crop_params_always_inside():
 
 
 def _png_bytes(im):
-    b = io.BytesIO()
-    im.save(b, format="PNG")
-    return b.getvalue()
+    from shard_files import encode_image
+
+    return encode_image(im, "PNG")
 
 
 def test_sample_decoder_names_sample_and_shard(monkeypatch):

@@ -6,9 +6,7 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-import msclip_fast as mf
 from msclip_fast.eval import cli
 
 ZS_METRICS = ("top1", "top5", "balanced_top1", "chance_top1", "chance_top5", "chance_balanced", "majority_rate")
@@ -26,20 +24,6 @@ def digits(tmp_path_factory):
               "--limit", "240", "--val-fraction", "0.25", "--workers", "1"])
     assert r.returncode == 0, r.stderr[-2000:]
     return out
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """RUN/checkpoints/step_00000000/{model.pt, config.json} and RUN/checkpoints/latest."""
-    run = tmp_path_factory.mktemp("run")
-    ckpt = run / "checkpoints" / "step_00000000"
-    ckpt.mkdir(parents=True)
-    torch.manual_seed(0)
-    model = mf.create_model("msclip-tiny")
-    torch.save(model.state_dict(), ckpt / "model.pt")
-    (ckpt / "config.json").write_text(json.dumps(model.config.to_dict()))
-    (run / "checkpoints" / "latest").write_text("step_00000000\n")
-    return run
 
 
 def _last_json(stdout: str) -> dict:

@@ -1,15 +1,15 @@
 """Gallery command, train-caption zero-shot prompts and the --split / --classes CLI messages,
 on hand-written shards and a randomly initialized tiny checkpoint (all in-process)."""
-import io
 import json
 
 import pytest
 import torch
 from PIL import Image
 
-import msclip_fast as mf
 from msclip_fast.eval import cli, distinctive_words, retrieve, train_caption_prompts
 from msclip_fast.eval.prompts import read_shard_captions
+from shard_files import encode_image
+from shard_files import write_tar as _write_tar
 
 CLASSES = ["animals", "buildings", "signs_and_symbols"]
 TRAIN_CAPTIONS = {
@@ -25,19 +25,7 @@ VAL_CAPTIONS = {
 
 
 def _png(rgb, size=(48, 40)):
-    b = io.BytesIO()
-    Image.new("RGB", size, rgb).save(b, format="PNG")
-    return b.getvalue()
-
-
-def _write_tar(path, samples):
-    import webdataset as wds
-
-    with open(path, "wb") as f:
-        w = wds.TarWriter(f)
-        for s in samples:
-            w.write(s)
-        w.close()
+    return encode_image(Image.new("RGB", size, rgb), "PNG")
 
 
 @pytest.fixture(scope="module")
@@ -58,19 +46,6 @@ def data(tmp_path_factory):
         _write_tar(d / split / "000000.tar", samples)
     (d / "manifest.json").write_text(json.dumps({"classes": CLASSES}))
     return d
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    run = tmp_path_factory.mktemp("run")
-    ckpt = run / "checkpoints" / "step_00000000"
-    ckpt.mkdir(parents=True)
-    torch.manual_seed(0)
-    model = mf.create_model("msclip-tiny")
-    torch.save(model.state_dict(), ckpt / "model.pt")
-    (ckpt / "config.json").write_text(json.dumps(model.config.to_dict()))
-    (run / "checkpoints" / "latest").write_text("step_00000000\n")
-    return run
 
 
 def test_gallery_cli_writes_pictures_and_json(data, run_dir, tmp_path, capsys):

@@ -1,6 +1,5 @@
 """create_model_and_transforms / get_preprocess / Preprocess: inference preprocessing equals
 the eval loader's, transparency goes on white, and override-name errors say where a field lives."""
-import io
 import json
 
 import numpy as np
@@ -10,12 +9,11 @@ from PIL import Image
 
 import msclip_fast as mf
 from msclip_fast.data import Preprocess, build_loader
+from shard_files import encode_image, write_tar as _write_tar
 
 
 def _png(im):
-    b = io.BytesIO()
-    im.save(b, format="PNG")
-    return b.getvalue()
+    return encode_image(im, "PNG")
 
 
 def _rgba_half_transparent(w=50, h=37):
@@ -23,16 +21,6 @@ def _rgba_half_transparent(w=50, h=37):
     a = np.zeros((h, w, 4), dtype=np.uint8)
     a[:, : w // 2] = (255, 0, 0, 255)
     return Image.fromarray(a, "RGBA")
-
-
-def _write_tar(path, samples):
-    import webdataset as wds
-
-    with open(path, "wb") as f:
-        w = wds.TarWriter(f)
-        for s in samples:
-            w.write(s)
-        w.close()
 
 
 @pytest.fixture(scope="module")
