@@ -43,7 +43,6 @@ that cannot be read as a tar is refused with :class:`IndexBuildError` and gets n
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
@@ -650,29 +649,10 @@ def build_index(urls_or_dir, *, workers: Optional[int] = None, max_pixels: int =
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """CLI; prints the :func:`build_index` summary as one JSON line. A bad spec or shard
-    (ValueError, IndexBuildError included) is one ``error:`` line on stderr and status 2
-    (:func:`msclip_fast.cli.run_cli`; ``--debug`` keeps the traceback)."""
-    from ..cli import run_cli
+    """``python -m msclip_fast.data.index``: see :func:`msclip_fast.data.cli.index_main`."""
+    from .cli import index_main
 
-    def run(args: Sequence[str]) -> int:
-        p = argparse.ArgumentParser(prog="python -m msclip_fast.data.index",
-                                    description="Validate WebDataset shards once and write DALI index files.")
-        p.add_argument("dirs", nargs="+", metavar="DIR", help="shard directory (recursive), shard file or pattern")
-        p.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores)")
-        p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                       help="skip images with more pixels (must match the loader's max_pixels)")
-        p.add_argument("--force", action="store_true", help="rebuild indexes that are present and fresh")
-        p.add_argument("--no-progress", action="store_true", help="no progress bar")
-        p.add_argument("--debug", action="store_true", help="show the traceback of an error, not one line")
-        a = p.parse_args(args)
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        summary = build_index(a.dirs, workers=a.workers, max_pixels=a.max_pixels, force=a.force,
-                              progress=not a.no_progress)
-        print(json.dumps(summary))
-        return 0
-
-    return run_cli(run, argv)
+    return index_main(argv)
 
 
 if __name__ == "__main__":
